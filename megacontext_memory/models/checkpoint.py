@@ -1,0 +1,72 @@
+"""GistNet checkpoints: safetensors weights + JSON metadata, tied to one base model.
+
+A gist only means something to the model it was trained against, so a checkpoint records
+the base model's name, embedding width, tokenizer hash and position convention, and
+`load_gist_stack` refuses a mismatch rather than feeding the model noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .gistnet import GistStack
+
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "gistnet-smollm2-135m"
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was made for a different base model or convention."""
+
+
+def save_gist_stack(stack: GistStack, path: str | Path, meta: dict) -> Path:
+    """Write `path`.safetensors and `path`.json; returns the weights path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".safetensors")
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}, tmp)
+    tmp.replace(weights)
+    meta = dict(meta, hidden=stack.levels[0].hidden, version=file_version(weights))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return weights
+
+
+def file_version(weights: Path) -> str:
+    return hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+
+
+def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[GistStack, dict]:
+    """Load a checkpoint for `base` (a BaseModel); raise CheckpointMismatch if not made for it."""
+    path = Path(path)
+    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not meta_path.exists() or not weights.exists():
+        raise FileNotFoundError(f"GistNet checkpoint {path} needs {weights.name} and {meta_path.name}")
+    meta = json.loads(meta_path.read_text())
+    expected = {
+        "base_model": base.name,
+        "width": base.width,
+        "tokenizer_hash": base.tokenizer_hash,
+        "position_convention": position_convention,
+    }
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items())
+        raise CheckpointMismatch(f"GistNet checkpoint {path} was made for another base model ({detail})")
+    stack = GistStack(base.width, hidden=meta["hidden"], embed_rms=base.embed_rms)
+    stack.load_state_dict(load_file(weights))
+    return stack.eval().requires_grad_(False), meta
+
+
+def base_meta(base, position_convention: str) -> dict:
+    """The metadata that ties a checkpoint to `base`."""
+    return {
+        "base_model": base.name,
+        "width": base.width,
+        "tokenizer_hash": base.tokenizer_hash,
+        "position_convention": position_convention,
+    }

@@ -1,0 +1,90 @@
+"""GistNet: 32 vectors in the LLM's input space -> 1 vector in the same space.
+
+    x[32, d] -> down-project to h, + in-block position
+             -> self-attention over the block (bidirectional)
+             -> slot A cross-attends to the 32          (32 -> 1)
+             -> slot A is broadcast back, the 32 are refined
+             -> slot B cross-attends to the refined 32  (32 -> 1)
+             -> up-project to d, rescaled to the size of real token embeddings
+
+One GistNet per level: L1 reads token embeddings, L2 reads L1 gists; levels above 2 reuse
+the L2 network (gists of gists look alike from there on).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import BLOCK_SIZE
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer layer; `context` set = cross-attention, else self-attention."""
+
+    def __init__(self, h: int, heads: int):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(h)
+        self.norm_kv = nn.LayerNorm(h)
+        self.attn = nn.MultiheadAttention(h, heads, batch_first=True)
+        self.norm_ff = nn.LayerNorm(h)
+        self.ff = nn.Sequential(nn.Linear(h, 4 * h), nn.GELU(), nn.Linear(4 * h, h))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm_q(x)
+        kv = q if context is None else self.norm_kv(context)
+        x = x + self.attn(q, kv, kv, need_weights=False)[0]
+        return x + self.ff(self.norm_ff(x))
+
+
+class GistNet(nn.Module):
+    """Compress [..., 32, d] -> [..., d]."""
+
+    def __init__(self, width: int, hidden: int = 384, heads: int = 6, embed_rms: float = 1.0):
+        super().__init__()
+        self.width, self.hidden = width, hidden
+        self.down = nn.Linear(width, hidden)
+        self.pos = nn.Parameter(torch.randn(BLOCK_SIZE, hidden) * 0.02)
+        self.encode = _Block(hidden, heads)
+        self.slot_a = nn.Parameter(torch.randn(1, hidden) * 0.02)
+        self.pool_a = _Block(hidden, heads)
+        self.refine = _Block(hidden, heads)
+        self.slot_b = nn.Parameter(torch.randn(1, hidden) * 0.02)
+        self.pool_b = _Block(hidden, heads)
+        self.up = nn.Linear(hidden, width)
+        # Output is RMS-normalised then scaled: starts at the size of real token embeddings.
+        self.log_scale = nn.Parameter(torch.tensor(float(embed_rms)).log())
+        self.input_scale = 1.0 / max(embed_rms, 1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (BLOCK_SIZE, self.width):
+            raise ValueError(f"GistNet expects [..., {BLOCK_SIZE}, {self.width}], got {tuple(x.shape)}")
+        lead = x.shape[:-2]
+        x = x.reshape(-1, BLOCK_SIZE, self.width).to(self.down.weight.dtype)
+        h = self.down(x * self.input_scale) + self.pos
+        h = self.encode(h)
+        a = self.pool_a(self.slot_a.expand(h.shape[0], 1, -1), context=h)
+        h = self.refine(h + a)
+        b = self.pool_b(self.slot_b.expand(h.shape[0], 1, -1) + a, context=h)
+        out = self.up(b[:, 0])
+        out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.log_scale.exp()
+        return out.reshape(*lead, self.width)
+
+
+class GistStack(nn.Module):
+    """The per-level GistNets of one checkpoint: level 1 and level 2 (reused above 2)."""
+
+    def __init__(self, width: int, hidden: int = 384, heads: int = 6, embed_rms: float = 1.0):
+        super().__init__()
+        self.levels = nn.ModuleList(
+            [GistNet(width, hidden, heads, embed_rms) for _ in range(2)]
+        )
+
+    def net(self, level: int) -> GistNet:
+        if level < 1:
+            raise ValueError(f"gists start at level 1, got {level}")
+        return self.levels[min(level, 2) - 1]
+
+    def forward(self, children: torch.Tensor, level: int) -> torch.Tensor:
+        """Gists of `level` from their 32 children: [..., 32, d] -> [..., d]."""
+        return self.net(level)(children)
