@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import random
 from collections.abc import Iterator
@@ -69,7 +70,7 @@ def _default_model_dir() -> Path:
 
 @dataclass
 class Step:
-    """One decoded token and the text it added (may be empty while a character is partial)."""
+    """One decoded token and the text it released (token_id -1: a final flush of held text)."""
 
     token_id: int
     text: str
@@ -92,6 +93,8 @@ class BaseModel:
             "\n".join(f"{t}\t{i}" for t, i in sorted(tokenizer.get_vocab().items())).encode()
         ).hexdigest()[:16]
         self.eos_ids = self._eos_ids()
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None) -> BaseModel:
@@ -164,10 +167,10 @@ class BaseModel:
         out = self.model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_kwarg: cache},
         )
-        return out.logits, out.past_key_values
+        return out.logits, cache
 
     @torch.no_grad()
     def stream(
@@ -200,28 +203,23 @@ class BaseModel:
                 break
             ids.append(tok)
             text = self.decode(ids)
-            if text.endswith("\ufffd"):  # partial multi-byte character: wait for more
-                continue
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             if cut >= 0:
-                if cut > len(emitted):
-                    yield Step(tok, text[len(emitted) : cut])
+                yield Step(tok, text[len(emitted) : cut] if cut > len(emitted) else "")
                 return
-            safe = len(text) - hold if stop else len(text)
-            if safe > len(emitted):
-                yield Step(tok, text[len(emitted) : safe])
-                emitted = text[:safe]
-            else:
-                yield Step(tok, "")
-            emb = self.embed([[tok]])
+            # Hold back a partial character and anything that may begin a stop string.
+            safe = len(text.rstrip("\ufffd")) - hold
+            piece = text[len(emitted) : safe] if safe > len(emitted) else ""
+            emitted += piece
+            yield Step(tok, piece)
             logits, cache = self.forward(
-                emb, torch.tensor([[pos]], device=self.device), cache
+                self.embed([[tok]]), torch.tensor([[pos]], device=self.device), cache
             )
             logits = logits[0, -1]
             pos += 1
         text = self.decode(ids)
         if len(text) > len(emitted):
-            yield Step(ids[-1] if ids else -1, text[len(emitted) :])
+            yield Step(-1, text[len(emitted) :])  # flush what was held back
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

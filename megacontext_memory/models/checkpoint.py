@@ -11,7 +11,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from .gistnet import GistStack
@@ -45,7 +44,9 @@ def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[G
     path = Path(path)
     meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
     if not meta_path.exists() or not weights.exists():
-        raise FileNotFoundError(f"GistNet checkpoint {path} needs {weights.name} and {meta_path.name}")
+        raise FileNotFoundError(
+            f"GistNet checkpoint {path} needs {weights.name} and {meta_path.name}"
+        )
     meta = json.loads(meta_path.read_text())
     expected = {
         "base_model": base.name,
@@ -55,8 +56,12 @@ def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[G
     }
     wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if wrong:
-        detail = ", ".join(f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items())
-        raise CheckpointMismatch(f"GistNet checkpoint {path} was made for another base model ({detail})")
+        detail = ", ".join(
+            f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items()
+        )
+        raise CheckpointMismatch(
+            f"GistNet checkpoint {path} was made for another base model ({detail})"
+        )
     stack = GistStack(base.width, hidden=meta["hidden"], embed_rms=base.embed_rms)
     stack.load_state_dict(load_file(weights))
     return stack.eval().requires_grad_(False), meta

@@ -58,7 +58,9 @@ class GistNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (BLOCK_SIZE, self.width):
-            raise ValueError(f"GistNet expects [..., {BLOCK_SIZE}, {self.width}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"GistNet expects [..., {BLOCK_SIZE}, {self.width}], got {tuple(x.shape)}"
+            )
         lead = x.shape[:-2]
         x = x.reshape(-1, BLOCK_SIZE, self.width).to(self.down.weight.dtype)
         h = self.down(x * self.input_scale) + self.pos
@@ -76,9 +78,7 @@ class GistStack(nn.Module):
 
     def __init__(self, width: int, hidden: int = 384, heads: int = 6, embed_rms: float = 1.0):
         super().__init__()
-        self.levels = nn.ModuleList(
-            [GistNet(width, hidden, heads, embed_rms) for _ in range(2)]
-        )
+        self.levels = nn.ModuleList([GistNet(width, hidden, heads, embed_rms) for _ in range(2)])
 
     def net(self, level: int) -> GistNet:
         if level < 1:

@@ -1,0 +1,324 @@
+"""MegaContextEngine and Session: ingest -> refocus -> decode, with a hard position budget.
+
+    engine = MegaContextEngine(store="memory", working_budget=1024)
+    s = engine.session("user-42")
+    s.append("user", "My locker code is 4417.")
+    print(s.generate(max_new_tokens=64))
+
+Every message is stored durably and never forgotten; the frozen model only ever sees the
+working context: recent and relevant spans as raw tokens, the rest as gists.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Config
+from .focus import FocusAllocator, HeuristicScorer, WorkingContext
+from .models.base import ROLES, BaseModel
+from .models.checkpoint import SHIPPED, load_gist_stack
+from .models.gistnet import GistStack
+from .store import Message, Store
+from .telemetry import TurnTelemetry
+from .tree import Gister, MegaContextTree
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_base(name: str, device: str | None) -> BaseModel:
+    """Engines in one process share the frozen model (it is never modified)."""
+    return BaseModel.load(name, device)
+
+
+def _load_gister(config: Config, base: BaseModel) -> Gister:
+    ckpt = config.gist_checkpoint
+    if ckpt == "default":
+        ckpt = str(SHIPPED) if SHIPPED.with_suffix(".safetensors").exists() else None
+    if ckpt is None:
+        torch.manual_seed(config.seed)
+        stack = GistStack(base.width, embed_rms=base.embed_rms)
+        version = f"untrained-seed{config.seed}"
+    else:
+        stack, meta = load_gist_stack(ckpt, base, config.position_convention)
+        version = meta["version"]
+    return Gister(base, stack, version, config.gist_dtype)
+
+
+class MegaContextEngine:
+    """A frozen LLM with unbounded, persistent memory per session."""
+
+    def __init__(
+        self,
+        store: str | Path = "megacontext-store",
+        working_budget: int = 1024,
+        model: str = "default",
+        device: str | None = None,
+        *,
+        config: Config | None = None,
+        **overrides,
+    ):
+        """Open (or create) the store at `store`; load the model and the GistNet checkpoint.
+
+        `config` gives every knob at once; keyword `overrides` change single fields of it.
+        A GistNet checkpoint made for another base model raises CheckpointMismatch.
+        """
+        base_cfg = config or Config()
+        if config is None or working_budget != 1024:
+            overrides.setdefault("working_budget", working_budget)
+        if config is None or model != "default":
+            overrides.setdefault("model", model)
+        if device is not None:
+            overrides.setdefault("device", device)
+        self.config = base_cfg.with_(**overrides)
+        self.base = _shared_base(self.config.model, self.config.device)
+        self.gister = _load_gister(self.config, self.base)
+        self.store = Store(store)
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def session(self, session_id: str) -> Session:
+        """The session `session_id`, created on first use and persistent across processes."""
+        if not isinstance(session_id, str):
+            raise TypeError(f"session id must be a str, got {type(session_id).__name__}")
+        with self._lock:
+            if session_id not in self._sessions:
+                self._sessions[session_id] = Session(self, session_id)
+            return self._sessions[session_id]
+
+    def sessions(self) -> list[str]:
+        """Ids of every session in the store, oldest first."""
+        return self.store.sessions()
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session's messages, tree and files. False if it did not exist."""
+        with self._lock:
+            self._sessions.pop(session_id, None)
+        return self.store.delete_session(session_id)
+
+
+class Session:
+    """One conversation: a durable tree on disk and a working context in memory."""
+
+    def __init__(self, engine: MegaContextEngine, session_id: str):
+        self.engine, self.id, self.config = engine, session_id, engine.config
+        base = engine.base
+        self.store = engine.store.session(
+            session_id,
+            model=base.name,
+            width=base.width,
+            block_size=self.config.block_size,
+            gist_dtype=self.config.gist_dtype,
+            gist_version=engine.gister.version,
+        )
+        self.tree = MegaContextTree(self.store, engine.gister)
+        self.allocator = FocusAllocator(self.config)
+        self.scorer = HeuristicScorer(recency_scale=float(self.config.working_budget))
+        self.wc = WorkingContext()
+        self.telemetry: list[TurnTelemetry] = []
+        self._pending = TurnTelemetry()
+        self._kv = None
+        self._kv_keys: list[tuple] = []
+        self._lock = threading.RLock()
+        self._sync()
+
+    # ---- ingest -----------------------------------------------------------------------
+    def append(self, role: str, content: str, metadata: dict | None = None) -> Message:
+        """Store one message durably and add it to the working context.
+
+        Raises ValueError/TypeError (and stores nothing) for an unknown role, non-string or
+        empty content, metadata that is not a JSON object, or a message longer than the
+        working budget.
+        """
+        self._validate(role, content, metadata)
+        return self._append(role, content, metadata or {})
+
+    def _validate(self, role, content, metadata) -> None:
+        if not isinstance(role, str) or role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise TypeError(f"message content must be a str, got {type(content).__name__}")
+        if not content.strip():
+            raise ValueError("message content is empty")
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+            try:
+                json.dumps(metadata)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"metadata is not JSON-serialisable: {e}") from None
+
+    def _append(self, role: str, content: str, metadata: dict) -> Message:
+        tel = self._pending
+        with self._lock:
+            with tel.timed("ingest"):
+                ids = self.engine.base.encode(self.engine.base.render_message(role, content))
+                if len(ids) > self.config.working_budget:
+                    raise ValueError(
+                        f"message is {len(ids)} tokens, longer than the working budget "
+                        f"({self.config.working_budget}); split it or raise working_budget"
+                    )
+            with tel.timed("gist"):
+                message = self.tree.append(role, content, metadata, ids)
+            tel.new_tokens += len(ids)
+            with tel.timed("allocate"):
+                self.wc.extend(self.tree.n_tokens)
+                self._fit(self.config.working_budget)
+            return message
+
+    def _fit(self, budget: int) -> None:
+        """Keep the budget; when over it, free some slack so the next turns reuse the KV."""
+        if len(self.wc) > budget:
+            self.allocator.fit(self.wc, self.tree, budget - budget // 8)
+
+    def _sync(self) -> None:
+        """Catch up with messages other processes appended to this session."""
+        n_before = self.tree.n_tokens
+        self.tree.refresh()
+        if self.tree.n_tokens != n_before or not self.wc.entries:
+            self.wc.extend(self.tree.n_tokens)
+            self._fit(self.config.working_budget)
+
+    # ---- reads ------------------------------------------------------------------------
+    def messages(self) -> list[Message]:
+        """The lossless message log, oldest first."""
+        return self.store.messages()
+
+    def token_count(self) -> int:
+        return self.tree.n_tokens
+
+    def working_context(self) -> WorkingContext:
+        """The current working context; `len()` of it is the positions in use."""
+        return self.wc
+
+    # ---- focus and decode -------------------------------------------------------------
+    def refocus(
+        self,
+        budget: int | None = None,
+        query: list[int] | None = None,
+        tel: TurnTelemetry | None = None,
+    ) -> int:
+        """Refocus for `query` (default: the newest user message); returns moves made."""
+        budget = self.config.working_budget if budget is None else budget
+        if query is None:
+            query = self._last_user_ids()
+        tel, moves = tel or self._pending, 0
+        for _ in range(self.config.refocus_rounds):
+            with tel.timed("score"):
+                scores = self.scorer.score(self.wc, self.tree, query)
+            with tel.timed("allocate"):
+                made = self.allocator.refocus(self.wc, self.tree, scores, budget)
+            moves += len(made)
+            tel.expands += sum(m.kind == "expand" for m in made)
+            tel.collapses += sum(m.kind == "collapse" for m in made)
+            if not made:
+                break
+        tel.moves += moves
+        return moves
+
+    def _last_user_ids(self) -> list[int]:
+        for m in reversed(self.store.messages()[-8:]):
+            if m.role == "user":
+                return self.engine.base.encode(m.content)
+        return []
+
+    def generate(
+        self,
+        max_new_tokens: int = 64,
+        *,
+        stream: bool = False,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> str | Iterator[str]:
+        """Refocus, then write the assistant's reply; the reply is appended to the history.
+
+        Greedy by default; `temperature > 0` samples. With `stream=True` returns an iterator
+        of text pieces (the reply is stored when the iterator ends or is closed).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        prompt = self.engine.base.encode(self.engine.base.generation_prompt())
+        budget = self.config.working_budget - max_new_tokens - len(prompt)
+        if budget < self.config.recent_raw + 2 * self.config.block_size:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves only {budget} positions of the "
+                f"working budget ({self.config.working_budget}) for the history"
+            )
+        pieces = self._generate(prompt, budget, max_new_tokens, temperature, top_p, stop, seed)
+        return pieces if stream else "".join(pieces)
+
+    def _generate(self, prompt, budget, max_new_tokens, temperature, top_p, stop, seed):
+        base = self.engine.base
+        with self._lock:
+            self._sync()
+            tel, self._pending = self._pending, TurnTelemetry()
+            self.refocus(budget, tel=tel)
+            with tel.timed("allocate"):
+                self.allocator.fit(self.wc, self.tree, budget)
+            n = self.tree.n_tokens
+            with tel.timed("prefill"):
+                keys = self.wc.position_keys(self.tree, self.engine.gister.version)
+                keys += [(0, n + i, t) for i, t in enumerate(prompt)]
+                embeds = torch.cat([self.wc.embeddings(self.tree, base), base.embed(prompt)])
+                keep = _common_prefix(self._kv_keys, keys, limit=len(keys) - 1)
+                if self._kv is None or keep == 0:
+                    self._kv, keep = None, 0
+                elif self._kv.get_seq_length() > keep:
+                    self._kv.crop(keep - self._kv.get_seq_length())  # negative: drop the suffix
+                positions = torch.arange(keep, len(keys), device=base.device)[None]
+                with torch.no_grad():
+                    logits, self._kv = base.forward(embeds[keep:][None], positions, self._kv)
+            tel.prefill_tokens, tel.reused_prefix = len(keys) - keep, keep
+            self._kv_keys = keys
+            out: list[str] = []
+            try:
+                with tel.timed("decode"):
+                    steps = base.stream(
+                        logits[0, -1],
+                        self._kv,
+                        len(keys),
+                        max_new_tokens,
+                        temperature,
+                        top_p,
+                        stop,
+                        seed,
+                    )
+                    for step in steps:
+                        if step.token_id >= 0:
+                            pos = n + len(prompt) + len(self._kv_keys) - len(keys)
+                            self._kv_keys.append((0, pos, step.token_id))
+                        if step.text:
+                            out.append(step.text)
+                            yield step.text
+            finally:
+                self._kv_keys = self._kv_keys[: self._kv.get_seq_length()]
+                self._finish_turn(tel, "".join(out))
+
+    def _finish_turn(self, tel: TurnTelemetry, reply: str) -> None:
+        tel.turn = len(self.telemetry)
+        tel.history_tokens = self.tree.n_tokens
+        tel.budget = self.config.working_budget
+        tel.positions_used = len(self.wc)
+        tel.entries_per_level = self.wc.per_level()
+        tel.swap_rate = tel.moves * self.config.block_size / max(1, len(self.wc))
+        self.telemetry.append(tel)
+        self._append("assistant", reply, {"generated": True})
+
+    def level_map(self) -> np.ndarray:
+        """The level each history token is shown at right now (0 = raw)."""
+        return self.wc.level_map(self.tree.n_tokens)
+
+
+def _common_prefix(a: list, b: list, limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

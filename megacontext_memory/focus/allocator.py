@@ -1,0 +1,153 @@
+"""FocusAllocator: turns signed scores into legal expand/collapse moves under a hard budget.
+
+Expanding a gist replaces it with its 32 children (+31 positions); collapsing 32 siblings
+(or one raw block) replaces them with their parent (-31). Moves never touch the tree.
+Ingest calls `fit` (collapse the lowest-scored, then oldest, until the budget holds);
+each refocus makes at most `max_moves` moves, swapping detail from low-scored spans to
+high-scored ones, with a cooldown so a node does not flip back and forth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import BLOCK_SIZE as K
+from ..config import Config
+from ..tree import MegaContextTree
+from .working_context import Entry, WorkingContext
+
+
+class BudgetError(RuntimeError):
+    """Nothing more can be collapsed, yet the working context is over budget."""
+
+
+@dataclass(frozen=True)
+class Move:
+    kind: str  # "expand" or "collapse"
+    level: int  # the node expanded, or the parent a collapse produced
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class _Collapse:
+    first: int  # entry index of the first child
+    n: int  # number of entries replaced (1 for a raw block, 32 for gists)
+    parent: Entry
+    score: float
+
+
+class FocusAllocator:
+    def __init__(self, config: Config):
+        self.config = config
+        self.tick = 0
+        self.moved_at: dict[tuple[int, int], int] = {}
+
+    # ---- candidates -------------------------------------------------------------------
+    def _cooling(self, level: int, index: int) -> bool:
+        last = self.moved_at.get((level, index))
+        return last is not None and self.tick - last <= self.config.cooldown
+
+    def collapses(
+        self, wc: WorkingContext, tree: MegaContextTree, scores: np.ndarray
+    ) -> list[_Collapse]:
+        """Every legal collapse, lowest score (then oldest) first."""
+        protected = max(0, tree.n_tokens - self.config.recent_raw)
+        n_tok = tree.n_tokens
+        out = []
+        entries = wc.entries
+        for i, e in enumerate(entries):
+            if e.level == 0:
+                if e.cost == K and e.end <= protected and e.index < tree.count(1):
+                    parent = Entry.node(1, e.index, n_tok)
+                    out.append(_Collapse(i, 1, parent, float(scores[i])))
+            elif e.index % K == 0 and i + K <= len(entries):
+                group = entries[i : i + K]
+                if all(g.level == e.level for g in group) and group[-1].index == e.index + K - 1:
+                    p = e.index // K
+                    if p < tree.count(e.level + 1) and group[-1].end <= protected:
+                        score = float(np.mean(scores[i : i + K]))
+                        out.append(_Collapse(i, K, Entry.node(e.level + 1, p, n_tok), score))
+        out.sort(key=lambda c: (c.score, c.parent.start))
+        return out
+
+    def expansions(self, wc: WorkingContext, scores: np.ndarray) -> list[int]:
+        """Entry indices of gists worth expanding, best first."""
+        idx = [
+            i
+            for i, e in enumerate(wc.entries)
+            if e.level > 0
+            and scores[i] > self.config.tau_expand
+            and not self._cooling(e.level, e.index)
+        ]
+        return sorted(idx, key=lambda i: -scores[i])
+
+    # ---- moves ------------------------------------------------------------------------
+    def _expand(self, wc: WorkingContext, i: int, scores: list[float], n_tok: int) -> Move:
+        e = wc.entries[i]
+        children = [Entry.node(e.level - 1, e.index * K + j, n_tok) for j in range(K)]
+        wc.entries[i : i + 1] = children
+        scores[i : i + 1] = [scores[i]] * K
+        self.moved_at[(e.level, e.index)] = self.tick
+        return Move("expand", e.level, e.index, float(scores[i]))
+
+    def _collapse(
+        self, wc: WorkingContext, c: _Collapse, scores: list[float], cool: bool = True
+    ) -> Move:
+        wc.entries[c.first : c.first + c.n] = [c.parent]
+        scores[c.first : c.first + c.n] = [c.score]
+        if cool:  # forced collapses (budget) do not stop a node from coming back into focus
+            self.moved_at[(c.parent.level, c.parent.index)] = self.tick
+        return Move("collapse", c.parent.level, c.parent.index, c.score)
+
+    def fit(
+        self, wc: WorkingContext, tree: MegaContextTree, budget: int, scores=None
+    ) -> list[Move]:
+        """Collapse until `len(wc) <= budget`, lowest-scored first (oldest when unscored)."""
+        s = [0.0] * len(wc.entries) if scores is None else [float(x) for x in scores]
+        return self._fit(wc, tree, budget, s)
+
+    def _fit(self, wc: WorkingContext, tree: MegaContextTree, budget: int, s: list) -> list[Move]:
+        moves: list[Move] = []
+        while len(wc) > budget:
+            options = self.collapses(wc, tree, np.asarray(s))
+            if not options:
+                raise BudgetError(
+                    f"working context needs {len(wc)} positions but nothing more can be "
+                    f"collapsed within budget {budget} (recent_raw={self.config.recent_raw})"
+                )
+            warm = [c for c in options if not self._cooling(c.parent.level, c.parent.index)]
+            moves.append(self._collapse(wc, (warm or options)[0], s, cool=False))
+        return moves
+
+    def _cheapest(self, wc, tree, s: list, keep: int) -> _Collapse | None:
+        for c in self.collapses(wc, tree, np.asarray(s)):
+            cooling = self._cooling(c.parent.level, c.parent.index)
+            if not cooling and not c.first <= keep < c.first + c.n:
+                return c
+        return None
+
+    def refocus(self, wc: WorkingContext, tree: MegaContextTree, scores, budget: int) -> list[Move]:
+        """One refocus: up to `max_moves` moves that trade low-scored detail for high."""
+        self.tick += 1
+        s = [float(x) for x in scores]
+        moves = self._fit(wc, tree, budget, s)
+        gain = self.config.tau_expand + self.config.tau_collapse
+        while len(moves) < self.config.max_moves:
+            best = self.expansions(wc, np.asarray(s))
+            if not best:
+                break
+            i = best[0]
+            while len(wc) + K - 1 > budget and len(moves) + 2 <= self.config.max_moves:
+                c = self._cheapest(wc, tree, s, keep=i)
+                if c is None or s[i] - c.score <= gain:
+                    break
+                moves.append(self._collapse(wc, c, s))
+                if c.first < i:
+                    i -= c.n - 1
+            if len(wc) + K - 1 > budget or len(moves) >= self.config.max_moves:
+                break
+            moves.append(self._expand(wc, i, s, tree.n_tokens))
+        return moves

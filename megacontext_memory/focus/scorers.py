@@ -1,0 +1,74 @@
+"""Scorers: one signed score per working-context entry (> 0: more detail, < 0: less).
+
+`HeuristicScorer` is the stand-in until LensNet is trained, and stays as an ablation:
+lexical relevance of each entry's span to the newest query (rare query tokens weigh more,
+IDF over the session's blocks) plus a recency bonus.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..config import BLOCK_SIZE as K
+from ..tree import MegaContextTree
+from .working_context import WorkingContext
+
+
+class Scorer(Protocol):
+    def score(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
+        """Signed score per entry of `wc`, given the newest query's token ids."""
+        ...
+
+
+class HeuristicScorer:
+    def __init__(
+        self,
+        recency_scale: float = 1024.0,
+        relevance_weight: float = 2.0,
+        bias: float = -0.5,
+        max_doc_freq: float = 0.05,
+    ):
+        self.recency_scale, self.relevance_weight, self.bias = recency_scale, relevance_weight, bias
+        self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
+        self._cache: tuple | None = None
+
+    def _presence(self, tree: MegaContextTree, query: list[int]):
+        """Prefix sums over blocks of each informative query token, and the tokens' weights."""
+        key = (id(tree), tree.n_tokens, tuple(sorted(set(query))))
+        if self._cache and self._cache[0] == key:
+            return self._cache[1]
+        toks = tree.tokens()
+        nb = -(-len(toks) // K)
+        blocks = np.full(nb * K, -1, np.int64)
+        blocks[: len(toks)] = toks
+        blocks = blocks.reshape(nb, K)
+        terms = np.unique(np.asarray(query, np.int64))
+        present = (
+            np.stack([(blocks == t).any(1) for t in terms])
+            if len(terms)
+            else np.zeros((0, nb), bool)
+        )
+        df = present.sum(1)
+        weight = np.log((nb + 1) / (df + 1))
+        weight[(df == 0) | (df > max(1.0, self.max_doc_freq * nb))] = 0.0
+        prefix = np.concatenate([np.zeros((len(terms), 1), np.int64), present.cumsum(1)], axis=1)
+        self._cache = (key, (prefix, weight))
+        return prefix, weight
+
+    def relevance(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
+        """IDF-weighted share of the query's informative tokens found in each entry's span."""
+        prefix, weight = self._presence(tree, query)
+        if weight.sum() <= 0:
+            return np.zeros(len(wc.entries))
+        b0 = np.array([e.start // K for e in wc.entries])
+        b1 = np.array([-(-e.end // K) for e in wc.entries])
+        found = (prefix[:, b1] - prefix[:, b0]) > 0  # [terms, entries]
+        return (weight[:, None] * found).sum(0) / weight.sum()
+
+    def score(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
+        ends = np.array([e.end for e in wc.entries], np.float64)
+        recency = np.exp(-(tree.n_tokens - ends) / self.recency_scale)
+        rel = self.relevance(wc, tree, query)
+        return self.relevance_weight * rel + recency + self.bias

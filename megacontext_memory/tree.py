@@ -1,0 +1,135 @@
+"""MegaContextTree: one session's history as tokens (level 0) and gists above.
+
+Node `i` of level `l` stands for tokens [i * 32**l, (i + 1) * 32**l) and exists once all of
+them do. Appending tokens gists every block they complete, then every group of 32 gists
+that completes, level by level; payloads and the message row are committed together.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import BLOCK_SIZE
+from .models.base import BaseModel
+from .models.gistnet import GistStack
+from .store import Message, SessionStore
+
+K = BLOCK_SIZE
+
+
+class Gister:
+    """Turns token blocks and gist groups into gists with one GistStack."""
+
+    def __init__(self, base: BaseModel, stack: GistStack, version: str, dtype: str):
+        self.base, self.stack, self.version = base, stack.to(base.device).eval(), version
+        self.np_dtype = np.float32 if dtype == "float32" else np.float16
+        self.batch = 256
+
+    @torch.no_grad()
+    def gists(self, level: int, children: np.ndarray) -> np.ndarray:
+        """[n, 32] token ids (level 1) or [n, 32, d] gists (level > 1) -> [n, d]."""
+        out = []
+        for i in range(0, len(children), self.batch):
+            chunk = children[i : i + self.batch]
+            if level == 1:
+                x = self.base.embed(torch.as_tensor(chunk.astype(np.int64)))
+            else:
+                x = torch.as_tensor(np.asarray(chunk, np.float32), device=self.base.device)
+            out.append(self.stack(x, level).float().cpu().numpy().astype(self.np_dtype))
+        return np.concatenate(out) if out else np.zeros((0, self.base.width), self.np_dtype)
+
+
+class MegaContextTree:
+    def __init__(self, store: SessionStore, gister: Gister):
+        self.store, self.gister = store, gister
+        self.counts: dict[int, int] = {}
+        with store.lock():
+            self.refresh(prepare=True)
+            if store.gist_version != gister.version:
+                self.regist()
+
+    def refresh(self, prepare: bool = False) -> None:
+        """Reload committed extents (another process may have appended)."""
+        self.counts = self.store.prepare() if prepare else self.store.counts()
+        n, have = self.counts.get(0, 0), len(getattr(self, "_tokens", ()))
+        if n < have or have == 0:
+            self._tokens = self.store.tokens(0, n)
+        elif n > have:  # read only what other writers added
+            self._tokens = np.concatenate([self._tokens, self.store.tokens(have, n)])
+
+    # ---- queries ----------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return self.counts.get(0, 0)
+
+    def count(self, level: int) -> int:
+        return self.counts.get(level, 0)
+
+    @property
+    def top_level(self) -> int:
+        return max((lv for lv, c in self.counts.items() if c), default=0)
+
+    @staticmethod
+    def span(level: int, index: int) -> tuple[int, int]:
+        width = K**level
+        return index * width, (index + 1) * width
+
+    def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        return self._tokens[start : self.n_tokens if end is None else end]
+
+    def gist_vectors(self, level: int, indices: list[int]) -> np.ndarray:
+        if not indices:
+            return np.zeros((0, self.store.width), np.float32)
+        lo, hi = min(indices), max(indices) + 1
+        rows = self.store.gists(level, lo, hi)
+        return rows[np.asarray(indices) - lo].astype(np.float32)
+
+    # ---- writes -----------------------------------------------------------------------
+    def append(self, role: str, content: str, metadata: dict, ids: list[int]) -> Message:
+        """Durably append one message's tokens and the gists they complete."""
+        with self.store.lock():
+            self.refresh(prepare=True)
+            n0 = self.n_tokens
+            tokens = np.concatenate([self._tokens, np.asarray(ids, np.int64)])
+            gists = self._new_gists(tokens)
+            message = self.store.append(role, content, metadata, tokens[n0:], gists)
+            self._tokens = tokens
+            self.counts[0] = len(tokens)
+            for level, arr in gists.items():
+                self.counts[level] = self.count(level) + len(arr)
+            return message
+
+    def _new_gists(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        have = self.count(1)
+        full = len(tokens) // K
+        if full > have:
+            out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K))
+        level = 1
+        while True:
+            total = self.count(level) + len(out.get(level, ()))
+            have_up = self.count(level + 1)
+            if total // K <= have_up:
+                break
+            lo, hi = have_up * K, (total // K) * K
+            stored = self.store.gists(level, lo, min(hi, self.count(level))).astype(np.float32)
+            fresh = out.get(level, np.zeros((0, self.store.width)))
+            first_new = self.count(level)
+            children = np.concatenate([stored, fresh[max(0, lo - first_new) : hi - first_new]])
+            out[level + 1] = self.gister.gists(level + 1, children.reshape(-1, K, self.store.width))
+            level += 1
+        return out
+
+    def regist(self) -> None:
+        """Rebuild every gist level with the current GistNet (under the lock)."""
+        tokens = self.tokens()
+        gists: dict[int, np.ndarray] = {}
+        children, level = tokens[: len(tokens) // K * K].reshape(-1, K), 1
+        while len(children):
+            gists[level] = self.gister.gists(level, children)
+            n = len(gists[level]) // K * K
+            children = gists[level][:n].astype(np.float32).reshape(-1, K, self.store.width)
+            level += 1
+        self.store.replace_gists(gists, self.gister.version)
+        self.refresh()
