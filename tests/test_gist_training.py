@@ -1,0 +1,158 @@
+"""GistNet training and evaluation: the loss falls, checkpoints refuse other base models,
+evaluation is deterministic for a seed, the data split is fixed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext_memory.eval import gist_eval
+from megacontext_memory.models.base import BaseModel
+from megacontext_memory.models.checkpoint import (
+    SHIPPED,
+    CheckpointMismatch,
+    base_meta,
+    load_gist_stack,
+    save_gist_stack,
+)
+from megacontext_memory.models.gistnet import GistStack
+from megacontext_memory.training import data
+from megacontext_memory.training import gist_objective as obj
+from megacontext_memory.training.gist_train import TrainConfig, train, window_loss
+
+
+@pytest.fixture(scope="session")
+def gist_base() -> BaseModel:
+    return BaseModel.load("default", "cpu")
+
+
+def _stack(base, seed=0) -> GistStack:
+    torch.manual_seed(seed)
+    return GistStack(base.width, hidden=96, heads=6, embed_rms=base.embed_rms)
+
+
+def test_split_is_fixed_and_by_document():
+    assert data.split_of("wiki", "Alan Turing") == data.split_of("wiki", "Alan Turing")
+    splits = [data.split_of("kjv", f"1-1-{c}") for c in range(1, 400)]
+    held = splits.count("heldout") / len(splits)
+    assert 0.01 < held < 0.12
+
+
+def test_windows_are_disjoint_from_training(gist_base):
+    train_docs = {t for i, t in data.wiki_documents() if data.split_of("wiki", i) == "train"}
+    held_docs = {t for i, t in data.wiki_documents() if data.split_of("wiki", i) == "heldout"}
+    assert held_docs and not (train_docs & held_docs)
+    spec = data.WindowSpec(prefix=4, n_spans=1, horizon=4)
+    w1 = data.heldout_windows(gist_base, spec, per_source=3, seed=7)
+    w2 = data.heldout_windows(gist_base, spec, per_source=3, seed=7)
+    for src in data.SOURCES:
+        assert w1[src].shape == (3, spec.length)
+        assert np.array_equal(w1[src], w2[src])
+
+
+def test_loss_falls_on_a_tiny_run(gist_base):
+    cfg = TrainConfig(horizon=8, batch=2)
+    stack = _stack(gist_base)
+    sampler = data.WindowSampler(data.load_streams(gist_base, "train"), seed=0)
+    ids = torch.as_tensor(sampler.sample(data.WindowSpec(8, 1, 8), 2)[0])
+    opt = torch.optim.AdamW(stack.net(1).parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = window_loss(gist_base, stack, ids, 8, 1, cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_gradients_reach_the_gist_through_the_frozen_model(gist_base):
+    cfg = TrainConfig(horizon=4, batch=1)
+    stack = _stack(gist_base)
+    ids = torch.as_tensor(
+        data.WindowSampler(data.load_streams(gist_base, "train"), seed=1).sample(
+            data.WindowSpec(4, 2, 4), 1
+        )[0]
+    )
+    window_loss(gist_base, stack, ids, 4, 2, cfg).backward()
+    assert stack.net(1).down.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in gist_base.model.parameters())
+
+
+def test_train_loop_saves_and_resumes(gist_base, tmp_path):
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch=1,
+        horizon=4,
+        prefixes="4",
+        multi_prob=0.0,
+        hidden=96,
+        heads=6,
+        eval_every=0,
+        save_every=1,
+        precision="fp32",
+    )
+    first = train(cfg, base=gist_base, progress=False)
+    assert first["step"] == 2
+    cfg.steps = 3
+    again = train(cfg, base=gist_base, progress=False)
+    assert again["step"] == 3 and again["losses"][:2] == first["losses"]
+    stack, meta = load_gist_stack(tmp_path / "run" / "gistnet", gist_base, "compact")
+    assert meta["training"]["L1"]["steps"] == 3 and meta["hidden"] == 96
+
+
+def test_checkpoint_for_another_base_model_is_refused(gist_base, tmp_path):
+    stack = _stack(gist_base)
+    meta = base_meta(gist_base, "compact")
+    save_gist_stack(stack, tmp_path / "ok", meta)
+    load_gist_stack(tmp_path / "ok", gist_base, "compact")  # accepted
+    other = dict(meta, base_model="SomeOther-1B", tokenizer_hash="0123456789abcdef")
+    save_gist_stack(stack, tmp_path / "other", other)
+    with pytest.raises(CheckpointMismatch, match="another base model.*base_model"):
+        load_gist_stack(tmp_path / "other", gist_base, "compact")
+    wide = dict(meta, width=gist_base.width * 2)
+    save_gist_stack(stack, tmp_path / "wide", wide)
+    with pytest.raises(CheckpointMismatch, match="width"):
+        load_gist_stack(tmp_path / "wide", gist_base, "compact")
+
+
+def test_eval_is_deterministic_for_a_seed(gist_base):
+    stack = _stack(gist_base)
+    kw = dict(levels=(1, 2), l1_windows=2, l2_windows=1, prefix=8, horizon=8, n_boot=50)
+    a = gist_eval.evaluate(gist_base, stack, "test", seed=3, **kw)
+    b = gist_eval.evaluate(gist_base, stack, "test", seed=3, **kw)
+    a.pop("seconds"), b.pop("seconds")
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    for level in ("L1", "L2"):
+        r = a[level]
+        assert set(r) >= {"recovery", "ci95", "nll", "per_source"}
+        assert set(r["per_source"]) == set(data.SOURCES)
+        assert set(r["nll"]) >= {"full", "drop", "mean", "gist"}
+    assert a["n_windows"] == 2 * 3 + 1 * 3
+
+
+def test_student_with_raw_span_matches_teacher(gist_base):
+    """Sanity of the position convention: feeding the raw span embeddings as the 'middle'
+    reproduces the teacher exactly."""
+    ids = torch.as_tensor(
+        data.WindowSampler(data.load_streams(gist_base, "train"), seed=2).sample(
+            data.WindowSpec(6, 1, 5), 2
+        )[0]
+    )
+    with torch.no_grad():
+        teacher, cache = obj.teacher_logprobs(gist_base, ids, 6, 5)
+        _, spans, hor = obj.split_window(ids, 6, 1, 32, 5)
+        student = obj.student_logprobs(gist_base, cache, 6, gist_base.embed(spans[:, 0]), hor)
+    assert torch.allclose(teacher, student, atol=1e-3)
+
+
+@pytest.mark.skipif(not SHIPPED.with_suffix(".json").exists(), reason="no shipped checkpoint")
+def test_shipped_checkpoint_loads_for_the_default_model(gist_base):
+    stack, meta = load_gist_stack(SHIPPED, gist_base, "compact")
+    assert meta["base_model"] == gist_base.name and meta.get("metrics")
+    g = stack(torch.randn(2, 32, gist_base.width) * gist_base.embed_rms, 1)
+    assert g.shape == (2, gist_base.width) and torch.isfinite(g).all()
