@@ -76,6 +76,17 @@ class PayloadFile:
     def records_on_disk(self) -> int:
         return max(0, (self.path.stat().st_size - HEADER_SIZE)) // self.record_size
 
+    def offset(self, index: int) -> int:
+        """Byte offset of record `index`."""
+        return HEADER_SIZE + index * self.record_size
+
+    def rewrite_header(self) -> None:
+        """Put back the header this file must have (it is fully determined by the session)."""
+        with open(self.path, "r+b") as f:
+            f.write(self.header())
+            f.flush()
+            os.fsync(f.fileno())
+
     def open_at(self, committed: int, repair: bool = True) -> None:
         """Make the file hold exactly `committed` records (create it if needed).
 
@@ -100,14 +111,22 @@ class PayloadFile:
                 f.truncate(want)
                 os.fsync(f.fileno())
 
-    def _write_new(self) -> None:
-        tmp = self.path.with_suffix(".new")
+    def _write_new(self, records: np.ndarray | None = None) -> None:
+        """Create the file (header, then `records`) under a temporary name, fsync, rename."""
+        tmp = self.path.with_name(self.path.name + ".new")
         with open(tmp, "wb") as f:
             f.write(self.header())
+            if records is not None and len(records):
+                data = np.ascontiguousarray(records, dtype=self.np_dtype).reshape(-1, self.width)
+                f.write(data.tobytes())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)
         _fsync_dir(self.path.parent)
+
+    def write_all(self, records: np.ndarray) -> None:
+        """Replace the whole file atomically with `records` (used by re-gisting)."""
+        self._write_new(records)
 
     def write_at(self, start: int, records: np.ndarray) -> None:
         """Write records starting at record index `start` (the committed end), fsynced."""
@@ -124,14 +143,25 @@ class PayloadFile:
         """Records [start, end) as an array of shape [end - start, width]."""
         if end <= start:
             return np.zeros((0, self.width), self.np_dtype)
-        arr = np.memmap(
-            self.path,
-            dtype=self.np_dtype,
-            mode="r",
-            offset=HEADER_SIZE + start * self.record_size,
-            shape=((end - start) * self.width,),
-        )
-        return np.array(arr).reshape(end - start, self.width)
+        try:
+            arr = np.memmap(
+                self.path,
+                dtype=self.np_dtype,
+                mode="r",
+                offset=HEADER_SIZE + start * self.record_size,
+                shape=((end - start) * self.width,),
+            )
+        except FileNotFoundError:
+            raise PayloadError(f"{self.path}: missing, but records are committed") from None
+        except ValueError:  # mmap past the end of the file
+            size = self.path.stat().st_size
+            raise PayloadError(
+                f"{self.path}: truncated: {size} bytes, records [{start}, {end}) need "
+                f"{self.offset(end)}"
+            ) from None
+        out = np.array(arr).reshape(end - start, self.width)
+        del arr
+        return out
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,31 +5,38 @@ Write protocol for one message (under the session's lock):
   2. one SQLite transaction inserts the message and moves the committed extents.
 A crash before 2 leaves bytes past the extent, which the next writer cuts off; a crash
 after 2 loses nothing. A message is acknowledged when `append` returns.
+
+Creating a session makes its folder before the row that makes it visible; deleting one
+removes the rows before the folder. A crash in between leaves a folder with no row, which
+holds nothing committed: it is wiped when the id is created again and by `fsck --repair`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import sqlite_utils
 
-from .payload import PayloadFile
+from .locks import KeyLocks
+from .payload import PayloadError, PayloadFile, _fsync_dir
 
+SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
-    key TEXT PRIMARY KEY, id TEXT NOT NULL UNIQUE, created REAL NOT NULL,
+    key TEXT PRIMARY KEY, id BLOB NOT NULL UNIQUE, created REAL NOT NULL,
     model TEXT NOT NULL, width INTEGER NOT NULL, block_size INTEGER NOT NULL,
     gist_dtype TEXT NOT NULL, gist_version TEXT NOT NULL,
     n_tokens INTEGER NOT NULL DEFAULT 0, n_messages INTEGER NOT NULL DEFAULT 0);
@@ -42,6 +49,8 @@ CREATE TABLE IF NOT EXISTS levels (
     session_key TEXT NOT NULL, level INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (session_key, level));
 """
+_FILE = re.compile(r"^L(?:0|([1-9][0-9]*)-(.+))\.bin$")
+T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
@@ -64,97 +73,135 @@ class Message:
         return asdict(self)
 
 
+def encode_id(session_id: str) -> bytes:
+    """Any str (lone surrogates and NULs included) as the bytes stored in the index."""
+    return session_id.encode("utf-8", "surrogatepass")
+
+
+def decode_id(raw: bytes | str) -> str:
+    return raw.decode("utf-8", "surrogatepass") if isinstance(raw, bytes) else raw
+
+
 def session_key(session_id: str) -> str:
     """Directory-safe key for any session id string (never a path)."""
-    return hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return hashlib.sha256(encode_id(session_id)).hexdigest()[:32]
 
 
-class _KeyLocks:
-    """Exclusive per-session lock across threads (threading) and processes (fcntl)."""
+def _busy(e: sqlite3.OperationalError) -> bool:
+    msg = str(e).lower()
+    return "locked" in msg or "busy" in msg
 
-    _registry: dict[str, tuple[int, dict[str, threading.RLock]]] = {}
-    _guard = threading.Lock()
 
-    def __init__(self, lock_path: Path):
-        with self._guard:
-            path = str(lock_path)
-            if path not in self._registry:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-                self._registry[path] = (fd, {})
-            self.fd, self.thread_locks = self._registry[path]
+def retry(fn: Callable[[], T], what: str = "index") -> T:
+    """Run `fn`, retrying while SQLite reports the database busy (never shown to users)."""
+    delay = 0.01
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not _busy(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
-    @contextlib.contextmanager
-    def hold(self, key: str) -> Iterator[None]:
-        with self._guard:
-            tlock = self.thread_locks.setdefault(key, threading.RLock())
-        with tlock:
-            offset = int(key[:15], 16)  # a byte range of the shared lock file per session
-            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, offset)
-            try:
-                yield
-            finally:
-                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, offset)
+
+def check_version(version: str) -> None:
+    """GistNet versions name payload files: keep them to a safe alphabet."""
+    if not isinstance(version, str) or not re.fullmatch(
+        r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}", version
+    ):
+        raise ValueError(f"bad GistNet version {version!r}: use letters, digits and ._+-")
 
 
 class Store:
-    """A directory holding `index.db` and one payload folder per session."""
+    """A directory holding `index.db`, the `locks` file and one payload folder per session."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"store path {self.path} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "sessions").mkdir(exist_ok=True)
+        self.sessions_dir = self.path / "sessions"
+        self.sessions_dir.mkdir(exist_ok=True)
         self.db_path = self.path / "index.db"
-        if not self.db_path.exists() and any((self.path / "sessions").iterdir()):
+        if not self.db_path.exists() and any(self.sessions_dir.iterdir()):
             raise StoreError(
-                f"{self.db_path} is missing but session payloads exist: the index was deleted; "
-                "run `megacontext fsck --store PATH` to inspect"
+                f"{self.db_path} is missing but session payloads exist in {self.sessions_dir}: "
+                "the index (and the message log in it) was deleted; "
+                f"run `megacontext fsck --store {self.path}` to inspect"
             )
         self._local = threading.local()
-        self._locks = _KeyLocks(self.path / "locks")
-        self.db.conn.executescript(SCHEMA)
+        self._stale: list[sqlite3.Connection] = []
+        self._locks = KeyLocks(self.path / "locks")
+        try:
+            retry(lambda: self._init_schema())
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{self.db_path}: not a usable SQLite index: {e}") from None
+
+    def _init_schema(self) -> None:
+        conn = self.db.conn
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.db_path}: schema version {version} is newer than this code "
+                f"({SCHEMA_VERSION}); upgrade megacontext-memory"
+            )
+        if version < SCHEMA_VERSION:
+            with self._write() as c:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        c.execute(stmt)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ---- connections ----------------------------------------------------------------
     @property
     def db(self) -> sqlite_utils.Database:
-        """A per-thread connection (WAL, long busy timeout: callers never see 'locked')."""
+        """A per-thread (and per-process) connection: WAL, FULL sync, long busy timeout."""
         db = getattr(self._local, "db", None)
+        if db is not None and self._local.pid != os.getpid():
+            # Inherited across fork: never use it, and never let it be closed here.
+            self._stale.append(db.conn)
+            db = None
         if db is None:
-            conn = sqlite3.connect(self.db_path, timeout=120, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            conn = sqlite3.connect(
+                self.db_path, timeout=60, isolation_level=None, check_same_thread=False
+            )
+            retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=120000")
+            conn.execute("PRAGMA busy_timeout=60000")
             db = self._local.db = sqlite_utils.Database(conn)
+            self._local.pid = os.getpid()
         return db
+
+    def query(self, sql: str, params: list | tuple = ()) -> list[dict]:
+        """Rows of a read query as dicts (retried while the database is busy)."""
+        return retry(lambda: list(self.db.query(sql, params)))
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front, so the
+        transaction never has to upgrade (the case where SQLite gives up without waiting)."""
         conn = self.db.conn
-        for attempt in range(50):
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as e:  # pragma: no cover - timing dependent
-                if "locked" not in str(e) or attempt == 49:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
+        retry(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             yield conn
-            conn.execute("COMMIT")
+            retry(lambda: conn.execute("COMMIT"))
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     # ---- sessions -------------------------------------------------------------------
     def sessions(self) -> list[str]:
-        return [r["id"] for r in self.db.query("SELECT id FROM sessions ORDER BY created, id")]
+        """Every session id, oldest first."""
+        return [decode_id(r["id"]) for r in self.query("SELECT id FROM sessions ORDER BY rowid")]
 
     def has_session(self, session_id: str) -> bool:
         return self._row(session_key(session_id)) is not None
 
     def _row(self, key: str) -> dict | None:
-        rows = list(self.db.query("SELECT * FROM sessions WHERE key = ?", [key]))
+        rows = self.query("SELECT * FROM sessions WHERE key = ?", [key])
         return rows[0] if rows else None
 
     def session(
@@ -170,18 +217,23 @@ class Store:
         """Open a session, creating it on first use. Refuses a different model or width."""
         if not isinstance(session_id, str):
             raise TypeError(f"session id must be a str, got {type(session_id).__name__}")
+        check_version(gist_version)
         key = session_key(session_id)
         with self.lock(key):
             row = self._row(key)
             if row is None:
-                (self.path / "sessions" / key).mkdir(exist_ok=True)
+                folder = self.sessions_dir / key
+                if folder.exists():  # left by a crash during create or delete: nothing committed
+                    shutil.rmtree(folder)
+                folder.mkdir()
+                _fsync_dir(self.sessions_dir)
                 with self._write() as conn:
                     conn.execute(
                         "INSERT INTO sessions (key, id, created, model, width, block_size, "
                         "gist_dtype, gist_version) VALUES (?,?,?,?,?,?,?,?)",
                         [
                             key,
-                            session_id,
+                            encode_id(session_id),
                             time.time(),
                             model,
                             width,
@@ -198,18 +250,28 @@ class Store:
                 )
         return SessionStore(self, row)
 
+    def open_session(self, session_id: str) -> SessionStore:
+        """An existing session, whatever model wrote it (for tools: fsck, export)."""
+        row = self._row(session_key(session_id))
+        if row is None:
+            raise StoreError(f"no session {session_id!r} in {self.path}")
+        return SessionStore(self, row)
+
     def delete_session(self, session_id: str) -> bool:
         """Delete every row and file of a session. Returns False if it did not exist."""
         key = session_key(session_id)
+        folder = self.sessions_dir / key
         with self.lock(key):
-            if self._row(key) is None:
-                return False
-            with self._write() as conn:
-                for table in ("messages", "levels"):
-                    conn.execute(f"DELETE FROM {table} WHERE session_key = ?", [key])
-                conn.execute("DELETE FROM sessions WHERE key = ?", [key])
-            shutil.rmtree(self.path / "sessions" / key, ignore_errors=True)
-            return True
+            existed = self._row(key) is not None
+            if existed:
+                with self._write() as conn:
+                    for table in ("messages", "levels"):
+                        conn.execute(f"DELETE FROM {table} WHERE session_key = ?", [key])
+                    conn.execute("DELETE FROM sessions WHERE key = ?", [key])
+            if folder.exists():
+                shutil.rmtree(folder)
+                _fsync_dir(self.sessions_dir)
+            return existed
 
     def lock(self, key: str):
         """Context manager serialising writers of one session (threads and processes)."""
@@ -220,10 +282,10 @@ class SessionStore:
     """One session's rows and payload files. Writers hold `lock()` around read-modify-write."""
 
     def __init__(self, store: Store, row: dict):
-        self.store, self.key, self.id = store, row["key"], row["id"]
+        self.store, self.key, self.id = store, row["key"], decode_id(row["id"])
         self.model, self.width = row["model"], row["width"]
         self.block_size, self.gist_dtype = row["block_size"], row["gist_dtype"]
-        self.dir = store.path / "sessions" / self.key
+        self.dir = store.sessions_dir / self.key
 
     def lock(self):
         return self.store.lock(self.key)
@@ -241,10 +303,8 @@ class SessionStore:
 
     def counts(self) -> dict[int, int]:
         """Committed record count per level (level 0 = tokens)."""
-        rows = self.store.db.query(
-            "SELECT level, count FROM levels WHERE session_key = ?", [self.key]
-        )
-        return {r["level"]: r["count"] for r in rows}
+        rows = self.store.query("SELECT level, count FROM levels WHERE session_key = ?", [self.key])
+        return {r["level"]: r["count"] for r in rows if r["count"]}
 
     def payload(self, level: int, version: str | None = None) -> PayloadFile:
         if level == 0:
@@ -260,12 +320,28 @@ class SessionStore:
         )
 
     def prepare(self) -> dict[int, int]:
-        """Under the lock: cut torn writes, make sure files exist; returns committed counts."""
+        """Under the lock: restore the last committed state of the files; returns counts.
+
+        Bytes past a committed extent are cut; files that hold nothing committed (levels a
+        crashed append started, another GistNet version's gists, temporary files) go.
+        """
+        return self._prepare()[0]
+
+    def _prepare(self) -> tuple[dict[int, int], str]:
+        version = self.row()["gist_version"]
         counts = self.counts()
-        self.dir.mkdir(exist_ok=True)
-        for level in range(max(counts, default=0) + 2):
-            self.payload(level).open_at(counts.get(level, 0))
-        return counts
+        if not self.dir.is_dir():
+            if counts:
+                raise PayloadError(f"{self.dir}: session folder missing, {counts} committed")
+            self.dir.mkdir()
+            _fsync_dir(self.store.sessions_dir)
+        keep = {"L0.bin"} | {self.payload(lv, version).path.name for lv in counts if lv}
+        for name in os.listdir(self.dir):
+            if name not in keep:
+                (self.dir / name).unlink()
+        for level in sorted(set(counts) | {0}):
+            self.payload(level, version).open_at(counts.get(level, 0))
+        return counts, version
 
     # ---- writes ---------------------------------------------------------------------
     def append(
@@ -275,30 +351,46 @@ class SessionStore:
         metadata: dict,
         tokens: np.ndarray,
         gists: dict[int, np.ndarray],
+        gist_version: str | None = None,
+        created: float | None = None,
     ) -> Message:
         """Durably append one message: its tokens and the gists it completed.
 
-        Must be called under `lock()` after `prepare()`, with gists computed against the
-        committed state.
+        Must be called under `lock()` with gists computed against the committed state (by
+        GistNet `gist_version`, checked against the session's when given).
         """
-        counts = self.prepare()
         meta_json = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+        for name, text in (("role", role), ("content", content), ("metadata", meta_json)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"message {name} is not valid unicode text: {e}") from None
+        counts, version = self._prepare()
+        if gist_version is not None and gists and gist_version != version:
+            raise StoreError(
+                f"session {self.id!r} holds gists of GistNet {version!r}; refusing gists "
+                f"of {gist_version!r} (re-gist first)"
+            )
         n0 = counts.get(0, 0)
-        self.payload(0).write_at(n0, np.asarray(tokens, dtype=np.uint32).reshape(-1, 1))
+        tokens = np.asarray(tokens, dtype=np.uint32).reshape(-1, 1)
+        self.payload(0).write_at(n0, tokens)
         new_counts = {0: n0 + len(tokens)}
         for level, arr in sorted(gists.items()):
             if len(arr):
-                self.payload(level).open_at(counts.get(level, 0))
-                self.payload(level).write_at(counts.get(level, 0), arr)
+                f = self.payload(level, version)
+                f.open_at(counts.get(level, 0))
+                f.write_at(counts.get(level, 0), arr)
                 new_counts[level] = counts.get(level, 0) + len(arr)
+        created = time.time() if created is None else float(created)
         with self.store._write() as conn:
             row = conn.execute(
-                "SELECT n_messages FROM sessions WHERE key = ?", [self.key]
+                "SELECT n_messages, n_tokens, gist_version FROM sessions WHERE key = ?", [self.key]
             ).fetchone()
             if row is None:
                 raise StoreError(f"session {self.id!r} was deleted")
-            seq = row[0]
-            created = time.time()
+            seq, n_tokens, v_now = row
+            if n_tokens != n0 or v_now != version:
+                raise StoreError(f"session {self.id!r} changed while appending (lock not held?)")
             conn.execute(
                 "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
                 [self.key, seq, role, content, meta_json, created, n0, n0 + len(tokens)],
@@ -316,30 +408,41 @@ class SessionStore:
         return Message(seq, role, content, metadata, created, n0, n0 + len(tokens))
 
     def replace_gists(self, gists: dict[int, np.ndarray], version: str) -> None:
-        """Swap in gists made by another GistNet version (under `lock()`).
+        """Swap in every gist level, made by GistNet `version` (under `lock()`).
 
-        New files carry the version in their name, so a crash before the commit leaves
-        the old version intact and visible.
+        Each level file is written whole under a temporary name, fsynced and renamed; the
+        SQLite commit then switches the session to `version`. A crash before the commit
+        leaves the old version intact and visible (new-version files are wiped on open).
+        Re-gisting with the same version rewrites the same deterministic values.
         """
+        check_version(version)
         old = self.gist_version
-        for level, arr in gists.items():
-            f = self.payload(level, version)
-            f.path.unlink(missing_ok=True)
-            f.open_at(0)
-            f.write_at(0, arr)
+        for level, arr in sorted(gists.items()):
+            self.payload(level, version).write_all(arr)
         with self.store._write() as conn:
             conn.execute("DELETE FROM levels WHERE session_key = ? AND level > 0", [self.key])
             for level, arr in gists.items():
-                conn.execute("INSERT INTO levels VALUES (?,?,?)", [self.key, level, len(arr)])
+                if len(arr):
+                    conn.execute("INSERT INTO levels VALUES (?,?,?)", [self.key, level, len(arr)])
             conn.execute("UPDATE sessions SET gist_version = ? WHERE key = ?", [version, self.key])
         if old != version:
-            for path in self.dir.glob(f"L*-{old}.bin"):
-                path.unlink()
+            self.prepare()  # drop the old version's files
+
+    def set_created(self, created: dict[int, float]) -> None:
+        """Set message timestamps (by seq) in one transaction; used by import."""
+        with self.store._write() as conn:
+            conn.executemany(
+                "UPDATE messages SET created = ? WHERE session_key = ? AND seq = ?",
+                [(float(t), self.key, seq) for seq, t in created.items()],
+            )
 
     # ---- reads ----------------------------------------------------------------------
-    def messages(self) -> list[Message]:
-        rows = self.store.db.query(
-            "SELECT * FROM messages WHERE session_key = ? ORDER BY seq", [self.key]
+    def messages(self, start: int = 0, end: int | None = None) -> list[Message]:
+        """The message log (seq in [start, end)), oldest first."""
+        end = 2**62 if end is None else end
+        rows = self.store.query(
+            "SELECT * FROM messages WHERE session_key = ? AND seq >= ? AND seq < ? ORDER BY seq",
+            [self.key, start, end],
         )
         return [
             Message(
@@ -359,5 +462,14 @@ class SessionStore:
         end = n if end is None else min(end, n)
         return self.payload(0).read(start, end)[:, 0].astype(np.int64)
 
-    def gists(self, level: int, start: int, end: int) -> np.ndarray:
-        return self.payload(level).read(start, end)
+    def gists(self, level: int, start: int, end: int, version: str | None = None) -> np.ndarray:
+        """Gist records [start, end) of `level` (of GistNet `version`; default: current)."""
+        return self.payload(level, version).read(start, end)
+
+
+def file_level(name: str) -> tuple[int, str | None] | None:
+    """(level, version) of a payload file name, or None if it is not one."""
+    m = _FILE.match(name)
+    if not m:
+        return None
+    return (0, None) if m.group(1) is None else (int(m.group(1)), m.group(2))
