@@ -236,25 +236,36 @@ class Session:
         top_p: float = 1.0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        prefix: str = "",
+        logits_processor=None,
     ) -> str | Iterator[str]:
         """Refocus, then write the assistant's reply; the reply is appended to the history.
 
         Greedy by default; `temperature > 0` samples. With `stream=True` returns an iterator
         of text pieces (the reply is stored when the iterator ends or is closed).
+        `prefix` forces the start of the reply (prefilled with the prompt, yielded first and
+        stored with the reply); `logits_processor(ids, logits) -> logits` sees each decode
+        step (ids generated after the prefix) and may mask or force tokens.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         prompt = self.engine.base.encode(self.engine.base.generation_prompt())
+        if prefix:
+            prompt += self.engine.base.encode(prefix)
         budget = self.config.working_budget - max_new_tokens - len(prompt)
         if budget < self.config.recent_raw + 2 * self.config.block_size:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves only {budget} positions of the "
                 f"working budget ({self.config.working_budget}) for the history"
             )
-        pieces = self._generate(prompt, budget, max_new_tokens, temperature, top_p, stop, seed)
+        pieces = self._generate(
+            prompt, budget, max_new_tokens, temperature, top_p, stop, seed, prefix, logits_processor
+        )
         return pieces if stream else "".join(pieces)
 
-    def _generate(self, prompt, budget, max_new_tokens, temperature, top_p, stop, seed):
+    def _generate(
+        self, prompt, budget, max_new_tokens, temperature, top_p, stop, seed, prefix="", proc=None
+    ):
         base = self.engine.base
         with self._lock:
             self._sync()
@@ -289,7 +300,11 @@ class Session:
                         top_p,
                         stop,
                         seed,
+                        proc,
                     )
+                    if prefix:
+                        out.append(prefix)
+                        yield prefix
                     for step in steps:
                         if step.token_id >= 0:
                             pos = n + len(prompt) + len(self._kv_keys) - len(keys)

@@ -13,7 +13,7 @@ import importlib.util
 import inspect
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,6 +183,7 @@ class BaseModel:
         top_p: float = 1.0,
         stop: list[str] | None = None,
         seed: int | None = None,
+        logits_processor: Callable[[list[int], torch.Tensor], torch.Tensor] | None = None,
     ) -> Iterator[Step]:
         """Decode after a prefill whose last logits are `logits` [V].
 
@@ -198,6 +199,8 @@ class BaseModel:
         emitted = ""
         pos = next_position
         for _ in range(max_new_tokens):
+            if logits_processor is not None:  # e.g. constrained decoding: (ids so far, logits)
+                logits = logits_processor(ids, logits)
             tok = _sample(logits.float(), temperature, top_p, gen)
             if tok in self.eos_ids:
                 break
