@@ -90,10 +90,14 @@ class MegaContextTree:
         """Durably append one message's tokens and the gists they complete."""
         with self.store.lock():
             self.refresh(prepare=True)
+            if self.store.gist_version != self.gister.version:
+                self.regist()  # another process re-gisted with another GistNet: never mix
             n0 = self.n_tokens
             tokens = np.concatenate([self._tokens, np.asarray(ids, np.int64)])
             gists = self._new_gists(tokens)
-            message = self.store.append(role, content, metadata, tokens[n0:], gists)
+            message = self.store.append(
+                role, content, metadata, tokens[n0:], gists, self.gister.version
+            )
             self._tokens = tokens
             self.counts[0] = len(tokens)
             for level, arr in gists.items():

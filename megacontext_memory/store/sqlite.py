@@ -169,6 +169,7 @@ class Store:
             )
             retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA secure_delete=ON")  # deleted sessions leave no bytes behind
             conn.execute("PRAGMA busy_timeout=60000")
             db = self._local.db = sqlite_utils.Database(conn)
             self._local.pid = os.getpid()
@@ -271,7 +272,10 @@ class Store:
             if folder.exists():
                 shutil.rmtree(folder)
                 _fsync_dir(self.sessions_dir)
-            return existed
+        if existed:  # move the zeroed pages out of the WAL too (best effort: readers may hold it)
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return existed
 
     def lock(self, key: str):
         """Context manager serialising writers of one session (threads and processes)."""
@@ -464,7 +468,15 @@ class SessionStore:
 
     def gists(self, level: int, start: int, end: int, version: str | None = None) -> np.ndarray:
         """Gist records [start, end) of `level` (of GistNet `version`; default: current)."""
-        return self.payload(level, version).read(start, end)
+        for attempt in range(3):
+            v = version or self.gist_version
+            try:
+                return self.payload(level, v).read(start, end)
+            except PayloadError:
+                # another process may have re-gisted between reading the version and the file
+                if version is not None or attempt == 2 or v == self.gist_version:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def file_level(name: str) -> tuple[int, str | None] | None:
