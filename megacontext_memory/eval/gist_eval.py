@@ -157,6 +157,17 @@ def evaluate(
     return out
 
 
+def record_metrics(checkpoint: str | Path, res: dict) -> None:
+    """Write an eval result into the checkpoint's metadata (weights untouched)."""
+    meta_path = Path(checkpoint).with_suffix(".json")
+    meta = json.loads(meta_path.read_text())
+    meta["metrics"] = {
+        "eval": "megacontext eval-gist (held-out, fp32)",
+        **{k: v for k, v in res.items() if k != "checkpoint"},
+    }
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megacontext eval-gist",
@@ -181,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="store the result under 'metrics' in the checkpoint's JSON metadata",
+    )
     return p
 
 
@@ -227,6 +243,8 @@ def eval_gist_main(argv: list[str] | None = None) -> int:
     )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
+    if args.record:
+        record_metrics(args.checkpoint, res)
     print(json.dumps(res, indent=2) if args.json else _table(res))
     return 0
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..config import BLOCK_SIZE
@@ -413,6 +414,20 @@ def train(cfg: TrainConfig, base: BaseModel | None = None, progress: bool = True
     bar.close()
     log.close()
     return {"step": step, "losses": losses, "metrics": metrics, "checkpoint": str(out / "gistnet")}
+
+
+def ship(src: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Copy a run's exported checkpoint to `dest` with weights cast to `dtype` (smaller
+    file; loading casts back to fp32). The metadata is kept as is."""
+    src, dest = Path(src), Path(dest)
+    meta = json.loads(src.with_suffix(".json").read_text())
+    tensors = load_file(src.with_suffix(".safetensors"))
+    stack = GistStack(meta["width"], hidden=meta["hidden"], heads=meta.get("heads", 6))
+    stack.load_state_dict(tensors)
+    stack.to(dtype)
+    meta.pop("version", None)
+    meta["weights_dtype"] = str(dtype).removeprefix("torch.")
+    return save_gist_stack(stack, dest, meta)
 
 
 def train_gist_main(argv: list[str] | None = None) -> int:
