@@ -27,6 +27,7 @@ class Config:
     max_moves: int = 4  # N_diff: expand/collapse moves per refocus
     cooldown: int = 2  # refocuses before a moved block may move back
     refocus_rounds: int = 8  # refocus passes before each reply (lets focus descend levels)
+    recency_tokens: int = 256  # heuristic scorer: how fast the pull of recent tokens fades
     gist_checkpoint: str | None = "default"  # "default": the shipped checkpoint; None: untrained
     gist_dtype: str = "float16"
     position_convention: str = "compact"
@@ -46,6 +47,8 @@ class Config:
             )
         if self.tau_expand < 0 or self.tau_collapse < 0:
             raise ValueError("tau_expand and tau_collapse must be >= 0")
+        if self.recency_tokens < 1:
+            raise ValueError(f"recency_tokens must be >= 1, got {self.recency_tokens}")
         if self.max_moves < 1 or self.cooldown < 0 or self.refocus_rounds < 1:
             raise ValueError("max_moves >= 1, cooldown >= 0 and refocus_rounds >= 1 are required")
         if self.gist_dtype not in GIST_DTYPES:

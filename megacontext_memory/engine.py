@@ -118,12 +118,13 @@ class Session:
         )
         self.tree = MegaContextTree(self.store, engine.gister)
         self.allocator = FocusAllocator(self.config)
-        self.scorer = HeuristicScorer(recency_scale=float(self.config.working_budget))
+        self.scorer = HeuristicScorer(recency_scale=float(self.config.recency_tokens))
         self.wc = WorkingContext()
         self.telemetry: list[TurnTelemetry] = []
         self._pending = TurnTelemetry()
         self._kv = None
         self._kv_keys: list[tuple] = []
+        self._query: list[int] | None = None
         self._lock = threading.RLock()
         self._sync()
 
@@ -166,9 +167,14 @@ class Session:
             with tel.timed("gist"):
                 message = self.tree.append(role, content, metadata, ids)
             tel.new_tokens += len(ids)
+            if role == "user":
+                self._query = self.engine.base.encode(content)
             with tel.timed("allocate"):
                 self.wc.extend(self.tree.n_tokens)
                 self._fit(self.config.working_budget)
+            k = self.config.block_size
+            if message.token_end // k > message.token_start // k:  # a block completed
+                self._refocus_round(self.config.working_budget, self._query_ids(), tel)
             return message
 
     def _fit(self, budget: int) -> None:
@@ -203,29 +209,34 @@ class Session:
         query: list[int] | None = None,
         tel: TurnTelemetry | None = None,
     ) -> int:
-        """Refocus for `query` (default: the newest user message); returns moves made."""
+        """Refocus for `query` (default: the newest user message) until no move is worth
+        making or `refocus_rounds` passes are done; returns the moves made."""
         budget = self.config.working_budget if budget is None else budget
-        if query is None:
-            query = self._last_user_ids()
-        tel, moves = tel or self._pending, 0
+        query = self._query_ids() if query is None else query
+        moves = 0
         for _ in range(self.config.refocus_rounds):
-            with tel.timed("score"):
-                scores = self.scorer.score(self.wc, self.tree, query)
-            with tel.timed("allocate"):
-                made = self.allocator.refocus(self.wc, self.tree, scores, budget)
-            moves += len(made)
-            tel.expands += sum(m.kind == "expand" for m in made)
-            tel.collapses += sum(m.kind == "collapse" for m in made)
+            made = self._refocus_round(budget, query, tel or self._pending)
+            moves += made
             if not made:
                 break
-        tel.moves += moves
         return moves
 
-    def _last_user_ids(self) -> list[int]:
-        for m in reversed(self.store.messages()[-8:]):
-            if m.role == "user":
-                return self.engine.base.encode(m.content)
-        return []
+    def _refocus_round(self, budget: int, query: list[int], tel: TurnTelemetry) -> int:
+        with tel.timed("score"):
+            scores = self.scorer.score(self.wc, self.tree, query)
+        with tel.timed("allocate"):
+            made = self.allocator.refocus(self.wc, self.tree, scores, budget)
+        tel.moves += len(made)
+        tel.expands += sum(m.kind == "expand" for m in made)
+        tel.collapses += sum(m.kind == "collapse" for m in made)
+        return len(made)
+
+    def _query_ids(self) -> list[int]:
+        """Token ids of the newest user message: what the scorer focuses for."""
+        if self._query is None:
+            last = self.store.last_message("user")
+            self._query = self.engine.base.encode(last.content) if last else []
+        return self._query
 
     def generate(
         self,

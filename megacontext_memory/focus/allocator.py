@@ -87,11 +87,15 @@ class FocusAllocator:
     # ---- moves ------------------------------------------------------------------------
     def _expand(self, wc: WorkingContext, i: int, scores: list[float], n_tok: int) -> Move:
         e = wc.entries[i]
-        children = [Entry.node(e.level - 1, e.index * K + j, n_tok) for j in range(K)]
+        if e.level == 1:  # an L1 gist opens into its one raw block of 32 tokens
+            children = [Entry.node(0, e.index, n_tok)]
+        else:
+            children = [Entry.node(e.level - 1, e.index * K + j, n_tok) for j in range(K)]
+        score = scores[i]
         wc.entries[i : i + 1] = children
-        scores[i : i + 1] = [scores[i]] * K
+        scores[i : i + 1] = [0.0] * len(children)  # neutral until the scorer sees them
         self.moved_at[(e.level, e.index)] = self.tick
-        return Move("expand", e.level, e.index, float(scores[i]))
+        return Move("expand", e.level, e.index, float(score))
 
     def _collapse(
         self, wc: WorkingContext, c: _Collapse, scores: list[float], cool: bool = True
@@ -130,24 +134,34 @@ class FocusAllocator:
         return None
 
     def refocus(self, wc: WorkingContext, tree: MegaContextTree, scores, budget: int) -> list[Move]:
-        """One refocus: up to `max_moves` moves that trade low-scored detail for high."""
+        """One refocus: up to `max_moves` moves, alternating best expand / best collapse.
+
+        An expansion that does not fit first collapses the lowest-scored spans, but only
+        while the trade is worth it (score gap > tau_expand + tau_collapse). A collapse on
+        its own needs a score below -tau_collapse: that span asked to be shown with less.
+        """
         self.tick += 1
         s = [float(x) for x in scores]
         moves = self._fit(wc, tree, budget, s)
         gain = self.config.tau_expand + self.config.tau_collapse
         while len(moves) < self.config.max_moves:
+            made = len(moves)
             best = self.expansions(wc, np.asarray(s))
-            if not best:
-                break
-            i = best[0]
-            while len(wc) + K - 1 > budget and len(moves) + 2 <= self.config.max_moves:
-                c = self._cheapest(wc, tree, s, keep=i)
-                if c is None or s[i] - c.score <= gain:
-                    break
+            if best:
+                i = best[0]
+                while len(wc) + K - 1 > budget and len(moves) + 2 <= self.config.max_moves:
+                    c = self._cheapest(wc, tree, s, keep=i)
+                    if c is None or s[i] - c.score <= gain:
+                        break
+                    moves.append(self._collapse(wc, c, s))
+                    if c.first < i:
+                        i -= c.n - 1
+                if len(wc) + K - 1 <= budget and len(moves) < self.config.max_moves:
+                    moves.append(self._expand(wc, i, s, tree.n_tokens))
+            c = self._cheapest(wc, tree, s, keep=-1)
+            worthless = c is not None and c.score < -self.config.tau_collapse
+            if worthless and len(moves) < self.config.max_moves:
                 moves.append(self._collapse(wc, c, s))
-                if c.first < i:
-                    i -= c.n - 1
-            if len(wc) + K - 1 > budget or len(moves) >= self.config.max_moves:
+            if len(moves) == made:
                 break
-            moves.append(self._expand(wc, i, s, tree.n_tokens))
         return moves

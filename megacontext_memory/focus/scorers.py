@@ -29,7 +29,9 @@ class HeuristicScorer:
         relevance_weight: float = 2.0,
         bias: float = -0.5,
         max_doc_freq: float = 0.05,
+        neighbour_share: float = 0.6,
     ):
+        self.neighbour_share = neighbour_share
         self.recency_scale, self.relevance_weight, self.bias = recency_scale, relevance_weight, bias
         self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
         self._cache: tuple | None = None
@@ -65,7 +67,13 @@ class HeuristicScorer:
         b0 = np.array([e.start // K for e in wc.entries])
         b1 = np.array([-(-e.end // K) for e in wc.entries])
         found = (prefix[:, b1] - prefix[:, b0]) > 0  # [terms, entries]
-        return (weight[:, None] * found).sum(0) / weight.sum()
+        rel = (weight[:, None] * found).sum(0) / weight.sum()
+        # Facts straddle block edges: a relevant entry lends part of its relevance to its
+        # neighbours, so the blocks around a hit come into focus too.
+        spill = np.zeros_like(rel)
+        spill[1:] = np.maximum(spill[1:], rel[:-1])
+        spill[:-1] = np.maximum(spill[:-1], rel[1:])
+        return np.maximum(rel, self.neighbour_share * spill)
 
     def score(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
         ends = np.array([e.end for e in wc.entries], np.float64)

@@ -461,6 +461,21 @@ class SessionStore:
             for r in rows
         ]
 
+    def last_message(self, role: str) -> Message | None:
+        """The newest message of `role`, without reading the whole log."""
+        rows = list(
+            self.store.db.query(
+                "SELECT * FROM messages WHERE session_key = ? AND role = ? "
+                "ORDER BY seq DESC LIMIT 1",
+                [self.key, role],
+            )
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return Message(r["seq"], r["role"], r["content"], json.loads(r["metadata"]),
+                       r["created"], r["token_start"], r["token_end"])
+
     def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
         n = self.counts().get(0, 0)
         end = n if end is None else min(end, n)

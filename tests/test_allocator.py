@@ -1,0 +1,94 @@
+"""Focus allocator logic against a fake tree (this test is about move logic only).
+
+The fake stands in for MegaContextTree with just the extents the allocator reads;
+the real tree is exercised in test_engine.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megacontext_memory.config import Config
+from megacontext_memory.focus import FocusAllocator, WorkingContext, check_invariants
+from megacontext_memory.focus.allocator import BudgetError
+
+K = 32
+
+
+class FakeTree:
+    def __init__(self, n_tokens: int):
+        self.n_tokens = n_tokens
+        self.counts = {0: n_tokens}
+        level, n = 1, n_tokens // K
+        while n:
+            self.counts[level] = n
+            level, n = level + 1, n // K
+
+    def count(self, level: int) -> int:
+        return self.counts.get(level, 0)
+
+
+def grow(wc, alloc, n, budget):
+    tree = FakeTree(n)
+    wc.extend(n)
+    alloc.fit(wc, tree, budget)
+    return tree
+
+
+def test_budget_holds_and_invariants_after_every_move():
+    cfg = Config(working_budget=256, recent_raw=64)
+    alloc, wc, rng = FocusAllocator(cfg), WorkingContext(), np.random.default_rng(0)
+    n = 0
+    for _ in range(300):
+        n += int(rng.integers(1, 400))
+        tree = grow(wc, alloc, n, cfg.working_budget)
+        check_invariants(wc, tree, cfg.working_budget, cfg.recent_raw)
+        for _ in range(3):
+            scores = rng.normal(0, 1, len(wc.entries))
+            before = len(alloc.moved_at)
+            moves = alloc.refocus(wc, tree, scores, cfg.working_budget)
+            assert len(moves) <= cfg.max_moves
+            assert len(alloc.moved_at) >= before
+            check_invariants(wc, tree, cfg.working_budget, cfg.recent_raw)
+    assert n > 32 * 32 * 32  # the history grew past an L3 node while the budget held
+    assert max(e.level for e in wc.entries) >= 2
+
+
+def test_high_score_gist_is_expanded_and_low_scored_detail_pays_for_it():
+    cfg = Config(working_budget=256, recent_raw=64)
+    alloc, wc = FocusAllocator(cfg), WorkingContext()
+    tree = grow(wc, alloc, 5000, cfg.working_budget)
+    target = next(i for i, e in enumerate(wc.entries) if e.level == 1)
+    node = wc.entries[target]
+    scores = np.full(len(wc.entries), -0.5)
+    scores[target] = 2.0
+    moves = alloc.refocus(wc, tree, scores, cfg.working_budget)
+    assert any(m.kind == "expand" and (m.level, m.index) == (1, node.index) for m in moves)
+    assert any(e.level == 0 and e.start == node.start for e in wc.entries)
+    check_invariants(wc, tree, cfg.working_budget, cfg.recent_raw)
+
+
+def test_cooldown_blocks_flipping_back():
+    cfg = Config(working_budget=256, recent_raw=64, cooldown=2, max_moves=2)
+    alloc, wc = FocusAllocator(cfg), WorkingContext()
+    tree = grow(wc, alloc, 5000, cfg.working_budget)
+    i = next(i for i, e in enumerate(wc.entries) if e.level == 1)
+    node = wc.entries[i]
+    scores = np.full(len(wc.entries), -0.5)
+    scores[i] = 2.0
+    alloc.refocus(wc, tree, scores, cfg.working_budget)
+    j = next(j for j, e in enumerate(wc.entries) if e.level == 0 and e.start == node.start)
+    scores = np.full(len(wc.entries), 0.0)
+    scores[j] = -5.0  # now the opened block looks worthless: it must not close at once
+    for _ in range(cfg.cooldown):
+        alloc.refocus(wc, tree, scores, cfg.working_budget - 40)
+        assert any(e.level == 0 and e.start == node.start for e in wc.entries)
+
+
+def test_over_budget_with_nothing_collapsible_is_a_clear_error():
+    cfg = Config(working_budget=128, recent_raw=64)
+    alloc, wc = FocusAllocator(cfg), WorkingContext()
+    wc.extend(200)
+    with pytest.raises(BudgetError, match="nothing more can be collapsed"):
+        alloc.fit(wc, FakeTree(200), 60)

@@ -1,0 +1,215 @@
+"""The engine end to end on the real default model and real SQLite/payload files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from megacontext_memory import CheckpointMismatch, check_invariants
+from megacontext_memory.demo import FACTS, conversation
+from megacontext_memory.models.checkpoint import base_meta, save_gist_stack
+from megacontext_memory.models.gistnet import GistStack
+
+
+def _tree_digest(session) -> str:
+    h = hashlib.sha256()
+    for path in sorted(session.store.dir.iterdir()):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_all_raw_working_context_reproduces_base_logits(engine_factory):
+    engine = engine_factory(working_budget=1024)
+    s = engine.session("raw")
+    s.append("system", "You are a helpful assistant.")
+    s.append("user", "The quick brown fox jumps over the lazy dog. " * 8)
+    assert all(e.level == 0 for e in s.working_context())
+    base = engine.base
+    embeds = s.working_context().embeddings(s.tree, base)
+    n = len(embeds)
+    with torch.no_grad():
+        ours, _ = base.forward(embeds[None], torch.arange(n)[None])
+        ids = torch.as_tensor(s.tree.tokens())[None]
+        ref = base.model(input_ids=ids).logits
+    assert n == s.token_count()
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_generate_appends_reply_and_reuses_the_kv_prefix(engine_factory):
+    engine = engine_factory()
+    s = engine.session("turns")
+    s.append("user", "Say hello.")
+    first = s.generate(max_new_tokens=8)
+    assert isinstance(first, str)
+    assert [m.role for m in s.messages()] == ["user", "assistant"]
+    assert s.messages()[-1].content == first
+    s.append("user", "Again.")
+    second = s.generate(max_new_tokens=8)
+    t = s.telemetry[-1]
+    assert t.reused_prefix > 0 and t.prefill_tokens < t.positions_used
+    # The same history read fresh from disk (no KV cache) gives the same greedy reply.
+    fresh = engine_factory(store=engine.store.path).session("turns")
+    hist = fresh.messages()
+    assert [m.content for m in hist] == [m.content for m in s.messages()]
+    assert second == s.messages()[-1].content
+
+
+def test_stream_matches_plain_generation(engine_factory):
+    engine = engine_factory()
+    a, b = engine.session("a"), engine.session("b")
+    for s in (a, b):
+        s.append("user", "Name three colours.")
+    plain = a.generate(max_new_tokens=12)
+    pieces = list(b.generate(max_new_tokens=12, stream=True))
+    assert len(pieces) > 1 and "".join(pieces) == plain
+    assert b.messages()[-1].content == plain
+
+
+def test_stop_strings_and_sampling(engine_factory):
+    engine = engine_factory()
+    s = engine.session("stop")
+    s.append("user", "Count from one to ten, separated by commas.")
+    text = s.generate(max_new_tokens=24, stop=[","])
+    assert "," not in text
+    s2 = engine.session("sample")
+    s2.append("user", "Write a word.")
+    x = s2.generate(max_new_tokens=6, temperature=1.0, seed=3)
+    assert isinstance(x, str)
+
+
+def test_sessions_persist_list_and_delete(engine_factory, tmp_path):
+    engine = engine_factory(store=tmp_path / "st")
+    s = engine.session("user-42")
+    s.append("user", "remember me", metadata={"k": [1, 2]})
+    other = engine_factory(store=tmp_path / "st")
+    assert other.sessions() == ["user-42"]
+    msgs = other.session("user-42").messages()
+    assert (msgs[0].role, msgs[0].content, msgs[0].metadata) == (
+        "user",
+        "remember me",
+        {"k": [1, 2]},
+    )
+    assert other.session("user-42").token_count() == s.token_count()
+    assert other.delete_session("user-42") is True
+    assert other.sessions() == [] and other.delete_session("user-42") is False
+
+
+@pytest.mark.parametrize(
+    "role, content, metadata, error",
+    [
+        ("user", "", None, ValueError),
+        ("user", "   \n", None, ValueError),
+        ("wizard", "hi", None, ValueError),
+        ("user", 42, None, TypeError),
+        ("user", None, None, TypeError),
+        ("user", "hi", "not a dict", TypeError),
+        ("user", "hi", {"x": object()}, ValueError),
+        ("user", "word " * 600, None, ValueError),  # longer than the 512 budget
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(engine_factory, role, content, metadata, error):
+    engine = engine_factory()
+    s = engine.session("bad")
+    s.append("user", "a message that must survive")
+    before = (s.messages(), s.token_count(), _tree_digest(s), len(s.working_context()))
+    with pytest.raises(error):
+        s.append(role, content, metadata)
+    assert (s.messages(), s.token_count(), _tree_digest(s), len(s.working_context())) == before
+
+
+def test_bad_generate_arguments(engine_factory):
+    s = engine_factory().session("gen")
+    s.append("user", "hi")
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            s.generate(max_new_tokens=bad)
+    with pytest.raises(ValueError, match="working budget"):
+        s.generate(max_new_tokens=500)
+    with pytest.raises(TypeError):
+        engine_factory().session(123)
+
+
+def test_checkpoint_for_another_base_model_is_refused(engine_factory, base, tmp_path):
+    meta = base_meta(base, "compact") | {"base_model": "some-other-model", "width": 1024}
+    path = save_gist_stack(GistStack(base.width, hidden=64), tmp_path / "other", meta)
+    store = tmp_path / "st"
+    engine_factory(store=store).session("keep").append("user", "still here")
+    with pytest.raises(CheckpointMismatch, match="another base model.*some-other-model"):
+        engine_factory(store=store, gist_checkpoint=str(path.with_suffix("")))
+    again = engine_factory(store=store).session("keep").messages()
+    assert [m.content for m in again] == ["still here"]
+
+
+# ---- a long conversation: budget, invariants after every move, recall -------------------
+BUDGET = 1024
+
+
+@pytest.fixture(scope="module")
+def long_session(engine_factory):
+    """A >= 20k-token held-out conversation with a fact stated near the start."""
+    engine = engine_factory(working_budget=BUDGET)
+    s = engine.session("long")
+    fact = FACTS[0]
+    checked = {"moves": 0, "appends": 0}
+    original = {name: getattr(s.allocator, name) for name in ("_expand", "_collapse")}
+
+    def checked_move(name):
+        def move(*args, **kwargs):
+            result = original[name](*args, **kwargs)
+            check_invariants(s.wc, s.tree, None, engine.config.recent_raw)
+            checked["moves"] += 1
+            return result
+
+        return move
+
+    for name in original:
+        setattr(s.allocator, name, checked_move(name))
+    script = conversation(engine.base, 20000, fact)
+    for i, (role, text) in enumerate(script):
+        if i == len(script) // 2 and role == "assistant":
+            s.generate(max_new_tokens=8)
+        else:
+            s.append(role, text)
+        check_invariants(s.wc, s.tree, BUDGET, engine.config.recent_raw)
+        checked["appends"] += 1
+    return s, fact, checked
+
+
+@pytest.mark.slow
+def test_long_conversation_keeps_budget_and_invariants(long_session):
+    s, _, checked = long_session
+    assert s.token_count() >= 20000
+    assert len(s.working_context()) <= BUDGET
+    assert checked["moves"] > 100 and checked["appends"] > 100
+    assert max(s.working_context().per_level()) >= 2  # L2 gists exist and are in use
+    assert s.tree.count(2) >= 19
+
+
+@pytest.mark.slow
+def test_old_fact_is_refocused_to_raw_and_recalled(long_session):
+    s, fact, _ = long_session
+    msgs = s.messages()
+    stated = next(m for m in msgs if m.content == fact.statement)
+    span = slice(stated.token_start, stated.token_end)
+    assert s.token_count() - stated.token_end > 10000
+    assert s.level_map()[span].min() >= 1  # collapsed to gists by now
+    digest = _tree_digest(s)
+    s.append("user", fact.question)
+    reply = s.generate(max_new_tokens=24)
+    answer_at = stated.token_start + len(
+        s.engine.base.encode(
+            s.engine.base.render_message("user", fact.statement.split(fact.answer)[0])
+        )
+    )
+    assert s.level_map()[answer_at] == 0, "the block holding the answer was not expanded"
+    assert fact.answer in reply
+    t = s.telemetry[-1]
+    assert t.expands >= 1 and t.positions_used <= BUDGET
+    assert json.loads(json.dumps(t.to_dict()))["budget"] == BUDGET
+    # Refocusing moved only the working context: the files of the tree are unchanged
+    # apart from the two new messages.
+    assert _tree_digest(s) != digest and np.all(s.tree.tokens()[: stated.token_end] >= 0)
