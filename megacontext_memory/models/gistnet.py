@@ -5,7 +5,13 @@
              -> slot A cross-attends to the 32          (32 -> 1)
              -> slot A is broadcast back, the 32 are refined
              -> slot B cross-attends to the refined 32  (32 -> 1)
-             -> up-project to d, rescaled to the size of real token embeddings
+             -> up-project to d, added to the last input (a skip connection),
+                rescaled to the size of real token embeddings
+
+The up-projection starts at zero, so an untrained net outputs (the direction of) the
+span's last input: on its own that already recovers a good part of what dropping the span
+loses, whereas the mean of the span's embeddings is far worse than dropping it. Training
+then adds what the rest of the span contributes.
 
 One GistNet per level: L1 reads token embeddings, L2 reads L1 gists; levels above 2 reuse
 the L2 network (gists of gists look alike from there on).
@@ -52,6 +58,8 @@ class GistNet(nn.Module):
         self.slot_b = nn.Parameter(torch.randn(1, hidden) * 0.02)
         self.pool_b = _Block(hidden, heads)
         self.up = nn.Linear(hidden, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
         # Output is RMS-normalised then scaled: starts at the size of real token embeddings.
         self.log_scale = nn.Parameter(torch.tensor(float(embed_rms)).log())
         self.input_scale = 1.0 / max(embed_rms, 1e-6)
@@ -68,7 +76,7 @@ class GistNet(nn.Module):
         a = self.pool_a(self.slot_a.expand(h.shape[0], 1, -1), context=h)
         h = self.refine(h + a)
         b = self.pool_b(self.slot_b.expand(h.shape[0], 1, -1) + a, context=h)
-        out = self.up(b[:, 0])
+        out = self.up(b[:, 0]) + x[:, -1] * self.input_scale
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.log_scale.exp()
         return out.reshape(*lead, self.width)
 
