@@ -448,33 +448,15 @@ class SessionStore:
             "SELECT * FROM messages WHERE session_key = ? AND seq >= ? AND seq < ? ORDER BY seq",
             [self.key, start, end],
         )
-        return [
-            Message(
-                r["seq"],
-                r["role"],
-                r["content"],
-                json.loads(r["metadata"]),
-                r["created"],
-                r["token_start"],
-                r["token_end"],
-            )
-            for r in rows
-        ]
+        return [_message(r) for r in rows]
 
     def last_message(self, role: str) -> Message | None:
         """The newest message of `role`, without reading the whole log."""
-        rows = list(
-            self.store.db.query(
-                "SELECT * FROM messages WHERE session_key = ? AND role = ? "
-                "ORDER BY seq DESC LIMIT 1",
-                [self.key, role],
-            )
+        rows = self.store.query(
+            "SELECT * FROM messages WHERE session_key = ? AND role = ? ORDER BY seq DESC LIMIT 1",
+            [self.key, role],
         )
-        if not rows:
-            return None
-        r = rows[0]
-        return Message(r["seq"], r["role"], r["content"], json.loads(r["metadata"]),
-                       r["created"], r["token_start"], r["token_end"])
+        return _message(rows[0]) if rows else None
 
     def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
         n = self.counts().get(0, 0)
@@ -492,6 +474,18 @@ class SessionStore:
                 if version is not None or attempt == 2 or v == self.gist_version:
                     raise
         raise AssertionError("unreachable")
+
+
+def _message(r: dict) -> Message:
+    return Message(
+        r["seq"],
+        r["role"],
+        r["content"],
+        json.loads(r["metadata"]),
+        r["created"],
+        r["token_start"],
+        r["token_end"],
+    )
 
 
 def file_level(name: str) -> tuple[int, str | None] | None:
