@@ -1,0 +1,110 @@
+"""MegaContextChatMessageHistory: a persistent LangChain chat history in a MegaContext store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.chat_history import BaseChatMessageHistory
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    messages_from_dict,
+)
+
+from ._router import ORIGIN, Item, digest, get_engine, get_router, merged_messages
+from .chat_models import ID_PREFIX, ROUTER_NAME, reply_message, to_item
+
+HIDDEN = ("prompt-system", "tools")  # ingested by the chat model from its prompt, not history
+
+
+class MegaContextChatMessageHistory(BaseChatMessageHistory):
+    """Chat history stored in an engine session (`session_id`), durable across processes.
+
+    Use it as the factory of RunnableWithMessageHistory; with ChatMegaContext on the same
+    store, the messages the model already ingested during a turn are not stored twice.
+
+    ```python
+    history = MegaContextChatMessageHistory("user-42", store="memory")
+    history.add_user_message("hi")
+    ```
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        store: str = "megacontext-store",
+        working_budget: int = 1024,
+        model: str = "default",
+        device: str | None = None,
+        engine: Any = None,
+        **engine_kwargs: Any,
+    ):
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError("session_id must be a non-empty string")
+        self.session_id = session_id
+        self.engine = engine or get_engine(store, working_budget, model, device, engine_kwargs)
+        self.router = get_router(self.engine, ROUTER_NAME, ID_PREFIX)
+
+    @property
+    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
+        """Every message of the session, oldest first (rebuilt from the lossless log)."""
+        if not self.engine.store.has_session(self.session_id):
+            return []
+        out: list[BaseMessage] = []
+        chain = ""
+        for role, content, meta in merged_messages(self.engine.session(self.session_id)):
+            if meta.get(ORIGIN) in HIDDEN:
+                continue
+            msg = _rebuild(role, content, meta, chain)
+            if msg is None:
+                continue
+            item = to_item(msg)
+            if item is not None and item.role != "system":
+                chain = digest(chain, item)
+            out.append(msg)
+        return out
+
+    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
+        items: list[Item] = []
+        for m in messages:
+            item = to_item(m)
+            if item is not None:
+                items.append(item)
+        self.router.add(self.session_id, items)
+
+    def clear(self) -> None:
+        with self.router.lock(self.session_id):
+            self.engine.delete_session(self.session_id)
+            self.router.forget(self.session_id)
+
+    async def aget_messages(self) -> list[BaseMessage]:
+        return await asyncio.to_thread(lambda: self.messages)
+
+    async def aadd_messages(self, messages: Sequence[BaseMessage]) -> None:
+        await asyncio.to_thread(self.add_messages, messages)
+
+    async def aclear(self) -> None:
+        await asyncio.to_thread(self.clear)
+
+
+def _rebuild(role: str, content: str, meta: dict, chain: str) -> BaseMessage | None:
+    if "lc" in meta:
+        try:
+            return messages_from_dict([meta["lc"]])[0]
+        except (KeyError, TypeError, ValueError):
+            pass
+    if role == "assistant":
+        text, calls = reply_message(content, True, chain)
+        return AIMessage(content=text, tool_calls=calls)
+    if role == "user":
+        return HumanMessage(content=content)
+    if role == "system":
+        return SystemMessage(content=content)
+    if role == "tool":
+        return ToolMessage(content=content, tool_call_id=meta.get("tool_call_id", ""))
+    return None

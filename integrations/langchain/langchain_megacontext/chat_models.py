@@ -1,0 +1,428 @@
+"""ChatMegaContext: a LangChain chat model whose memory is a MegaContext engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.chat_models import LangSmithParams
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+    message_to_dict,
+)
+from langchain_core.messages.tool import tool_call_chunk
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from . import _guide
+from ._router import ORIGIN, Item, Router, get_engine, get_router
+
+ROUTER_NAME, ID_PREFIX = "langchain", "lc-"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_UNSUPPORTED_BLOCKS = {"image", "image_url", "audio", "input_audio", "file", "video"}
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content (str or a list of content blocks)."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for block in content or []:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict):
+            kind = block.get("type")
+            if kind == "text":
+                parts.append(block.get("text", ""))
+            elif kind in _UNSUPPORTED_BLOCKS:
+                raise ValueError(
+                    f"ChatMegaContext is a text-only model; {kind!r} content is not supported"
+                )
+    return "".join(parts)
+
+
+def to_item(message: BaseMessage) -> Item | None:
+    """A LangChain message as the engine ingests it (None: nothing to ingest)."""
+    text = content_text(message.content)
+    meta: dict[str, Any] = {}
+    if isinstance(message, SystemMessage):
+        role = "system"
+    elif isinstance(message, HumanMessage):
+        role = "user"
+    elif isinstance(message, AIMessage):
+        role = "assistant"
+        calls = "".join(_guide.render_call(c["name"], c["args"]) for c in message.tool_calls)
+        text = text + ("\n" if text and calls else "") + calls
+    elif isinstance(message, ToolMessage):
+        role = "tool"
+    elif isinstance(message, ChatMessage):
+        role = {"human": "user", "ai": "assistant"}.get(message.role, message.role)
+        if role not in ("system", "user", "assistant", "tool"):
+            role = "user"
+    else:
+        role = "user"
+    if not text.strip():
+        return None
+    try:
+        lc = message_to_dict(message)
+        json.dumps(lc)
+        meta["lc"] = lc
+    except (TypeError, ValueError):
+        pass
+    return Item(role, text, meta)
+
+
+def reply_message(text: str, tools_bound: bool, base: str) -> tuple[str, list[dict]]:
+    """(content, tool calls) of a generated reply; ids are derived from the chain."""
+    if not tools_bound and _guide.OPEN not in text:
+        return text, []
+    content, calls = _guide.parse_calls(text)
+    tool_calls = [
+        {"name": c["name"], "args": c["args"], "id": _guide.call_id(base, i), "type": "tool_call"}
+        for i, c in enumerate(calls)
+    ]
+    return content, tool_calls
+
+
+class ChatMegaContext(BaseChatModel):
+    """Chat model backed by a MegaContext engine: unbounded memory at a fixed budget.
+
+    Every call routes to an engine session: messages the session already holds are
+    recognised and only new ones are ingested (see `_router`); `session_id` (here or per
+    call) pins the session explicitly.
+
+    ```python
+    from langchain_megacontext import ChatMegaContext
+
+    llm = ChatMegaContext(store="memory", working_budget=1024, max_tokens=64)
+    llm.invoke("My locker code is 4417.")
+    ```
+    """
+
+    model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
+
+    store: str = Field(
+        default_factory=lambda: os.environ.get("MEGACONTEXT_STORE", "megacontext-store")
+    )
+    """Directory of the engine's store (created if missing); default $MEGACONTEXT_STORE."""
+    working_budget: int = 1024
+    """Positions the frozen model ever sees (history + prompt + reply)."""
+    model: str = Field(default="default", alias="model_name")
+    """Base model: "default" (SmolLM2-135M-Instruct) or a Hugging Face id/path."""
+    device: str | None = None
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Further engine Config fields (e.g. {"gist_checkpoint": None})."""
+    session_id: str | None = None
+    """Pin every call to this session; None routes by content."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: list[str] | None = None
+    seed: int | None = None
+    streaming: bool = False
+    tool_call_threshold: float = 0.004
+    """With tools bound and no forced choice: open a tool call when the model's first-step
+    probability of doing so is at least this."""
+    max_string_tokens: int = 24
+    """Cap on tokens per string argument of a tool call."""
+    system_refresh_tokens: int | None = None
+    """Re-ingest a system prompt (or tool list) once it is this many tokens back; None: once."""
+
+    _engine: Any = PrivateAttr(default=None)
+    _router: Router | None = PrivateAttr(default=None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    # ---- langchain plumbing -------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "megacontext"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "store": self.store,
+            "working_budget": self.working_budget,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+
+    @property
+    def model_name_resolved(self) -> str:
+        return DEFAULT_MODEL_NAME if self.model in ("default", DEFAULT_MODEL_NAME) else self.model
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider="megacontext",
+            ls_model_name=kwargs.get("model") or self.model_name_resolved,
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+        )
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if isinstance(max_tokens, int):
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    @property
+    def engine(self):
+        """The MegaContextEngine (loaded on first use, shared per store in a process)."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = get_engine(
+                    self.store, self.working_budget, self.model, self.device, self.engine_kwargs
+                )
+                self._router = get_router(self._engine, ROUTER_NAME, ID_PREFIX)
+            return self._engine
+
+    @property
+    def router(self) -> Router:
+        _ = self.engine
+        return self._router
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
+        *,
+        tool_choice: dict | str | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; `tool_choice` may be None/"auto", "none", "any"/"required"/True or a
+        tool name (forced calls are decoded under the tool's JSON schema)."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        if tool_choice is True:
+            tool_choice = "any"
+        if tool_choice == "required":
+            tool_choice = "any"
+        if isinstance(tool_choice, str) and tool_choice not in ("auto", "none", "any"):
+            names = [t["function"]["name"] for t in formatted]
+            if tool_choice not in names:
+                raise ValueError(f"tool_choice {tool_choice!r} is not one of the tools {names}")
+        return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
+
+    # ---- the turn -------------------------------------------------------------------------
+    def _turn(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict
+    ) -> Iterator[tuple[str, Any]]:
+        """Yields ("text", piece)... then ("done", (AIMessage fields, usage, metadata))."""
+        model = kwargs.get("model")
+        if model and model not in (self.model, self.model_name_resolved):
+            raise ValueError(
+                f"ChatMegaContext serves {self.model_name_resolved!r}; per-call model "
+                f"override {model!r} is not supported"
+            )
+        engine = self.engine
+        tools = kwargs.get("tools") or []
+        tool_choice = kwargs.get("tool_choice")
+        if tool_choice == "none":
+            tools = []
+        answering = bool(messages) and isinstance(messages[-1], ToolMessage)
+        if tools and tool_choice in (None, "auto") and answering:
+            # A small model tends to call the tool again; after a tool result it answers.
+            tool_choice = "none"
+        items = [it for it in (to_item(m) for m in messages) if it is not None]
+        for it in items:
+            if it.role == "system":
+                it.metadata[ORIGIN] = "prompt-system"
+        extra = []
+        if tools:
+            extra.append(Item("system", _guide.tools_prompt(tools), {ORIGIN: "tools"}))
+        max_new = int(kwargs.get("max_tokens") or self.max_tokens)
+        stop = list(stop or kwargs.get("stop") or self.stop or [])
+        sid = kwargs.get("session_id") or self.session_id
+        with self.router.turn(items, sid, extra, self.system_refresh_tokens) as turn:
+            session = turn.session
+            prefix, proc, allowance = "", None, 0
+            if tools and tool_choice != "none":
+                base = engine.base
+                vocab = _guide.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
+                prefix, proc, allowance = _guide.plan(
+                    tools,
+                    tool_choice,
+                    self.tool_call_threshold,
+                    vocab,
+                    self.max_string_tokens,
+                    max_new,
+                )
+                max_new = max(max_new, allowance)
+                stop = [] if prefix else stop
+            room = self.working_budget - session.config.recent_raw - 2 * 32 - 64
+            max_new = max(1, min(max_new, room))
+            pieces = session.generate(
+                max_new,
+                stream=True,
+                temperature=float(kwargs.get("temperature", self.temperature)),
+                top_p=float(kwargs.get("top_p", self.top_p)),
+                stop=stop,
+                seed=kwargs.get("seed", self.seed),
+                prefix=prefix,
+                logits_processor=proc,
+            )
+            out: list[str] = []
+            try:
+                for piece in pieces:
+                    out.append(piece)
+                    yield "text", piece
+            finally:
+                pieces.close()
+                text = "".join(out)
+                content, tool_calls = reply_message(text, bool(tools), turn.head)
+                reply = AIMessage(content=content, tool_calls=tool_calls)
+                turn.commit_reply(to_item(reply))
+            tel = session.telemetry[-1]
+            n_out = len(engine.base.encode(text[len(prefix) :])) if text else 0
+            n_in = tel.prefill_tokens + tel.reused_prefix
+            usage = {
+                "input_tokens": n_in,
+                "output_tokens": n_out,
+                "total_tokens": n_in + n_out,
+                "input_token_details": {"cache_read": tel.reused_prefix},
+            }
+            meta = {
+                "model_name": engine.base.name,
+                "model_provider": "megacontext",
+                "session_id": session.id,
+                "positions_used": tel.positions_used,
+                "history_tokens": session.token_count(),
+                "prefill_tokens": tel.prefill_tokens,
+                "ingested_messages": len(turn.ingested),
+                "finish_reason": "tool_calls" if tool_calls else "stop",
+            }
+        yield "done", (content, tool_calls, usage, meta)
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        result = None
+        for kind, value in self._turn(messages, stop, kwargs):
+            if kind == "text" and run_manager and not kwargs.get("tools"):
+                run_manager.on_llm_new_token(value)
+            elif kind == "done":
+                result = value
+        content, tool_calls, usage, meta = result
+        message = AIMessage(
+            content=content,
+            tool_calls=tool_calls,
+            usage_metadata=usage,
+            response_metadata=meta,
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        buffer = bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
+        for kind, value in self._turn(messages, stop, kwargs):
+            if kind == "text":
+                if buffer or not value:
+                    continue
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=value))
+                if run_manager:
+                    run_manager.on_llm_new_token(value, chunk=chunk)
+                yield chunk
+            else:
+                content, tool_calls, usage, meta = value
+                chunks = [
+                    tool_call_chunk(
+                        name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
+                    )
+                    for i, c in enumerate(tool_calls)
+                ]
+                last = AIMessageChunk(
+                    content=content if buffer else "",
+                    tool_call_chunks=chunks,
+                    usage_metadata=usage,
+                    response_metadata=meta,
+                    chunk_position="last",
+                )
+                chunk = ChatGenerationChunk(message=last)
+                if run_manager and last.content:
+                    run_manager.on_llm_new_token(last.content, chunk=chunk)
+                yield chunk
+
+    # ---- native async: the engine runs in a worker thread, the event loop stays free -------
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks = []
+        async for chunk in self._astream(messages, stop, run_manager, _buffer=True, **kwargs):
+            chunks.append(chunk)
+        content, tool_calls, usage, meta = chunks[-1]
+        message = AIMessage(
+            content=content, tool_calls=tool_calls, usage_metadata=usage, response_metadata=meta
+        )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        _buffer: bool = False,
+        **kwargs: Any,
+    ) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        done = object()
+
+        def work() -> None:
+            try:
+                if _buffer:
+                    for item in self._turn(messages, stop, kwargs):
+                        if cancelled.is_set():
+                            break
+                        if item[0] == "done":
+                            loop.call_soon_threadsafe(queue.put_nowait, ("ok", item[1]))
+                else:
+                    for chunk in self._stream(messages, stop, None, **kwargs):
+                        if cancelled.is_set():
+                            break
+                        loop.call_soon_threadsafe(queue.put_nowait, ("ok", chunk))
+            except BaseException as e:  # handed to the awaiting side
+                loop.call_soon_threadsafe(queue.put_nowait, ("err", e))
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", done))
+
+        worker = loop.run_in_executor(None, work)
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "end":
+                    break
+                if kind == "err":
+                    raise value
+                if not _buffer and run_manager and value.message.content:
+                    await run_manager.on_llm_new_token(value.message.content, chunk=value)
+                yield value
+        finally:
+            cancelled.set()
+            await worker
