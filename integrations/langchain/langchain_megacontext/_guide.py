@@ -266,7 +266,9 @@ class Guide:
             if done:
                 if kind == "tool":
                     names = list(seg[1])
-                    name = names[[self.v.encode(n + '", "arguments":') for n in names].index(done[0])]
+                    name = names[
+                        [self.v.encode(n + '", "arguments":') for n in names].index(done[0])
+                    ]
                     self.tool_name = name
                     rest = call_segments(seg[1][name])
                     self.segs[self.i + 1 : self.i + 1] = rest

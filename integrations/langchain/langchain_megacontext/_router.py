@@ -55,8 +55,11 @@ def text_digest(text: str) -> str:
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS heads (session_id TEXT PRIMARY KEY, digest TEXT NOT NULL,
-                                  n INTEGER NOT NULL, updated REAL NOT NULL);
+                                  n INTEGER NOT NULL, updated REAL NOT NULL,
+                                  prev TEXT NOT NULL DEFAULT '',
+                                  unclaimed INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS heads_digest ON heads(digest);
+CREATE INDEX IF NOT EXISTS heads_prev ON heads(prev);
 CREATE TABLE IF NOT EXISTS systems (session_id TEXT NOT NULL, digest TEXT NOT NULL,
                                     token_pos INTEGER NOT NULL,
                                     PRIMARY KEY (session_id, digest));
@@ -83,12 +86,15 @@ class Turn:
 
     def commit_reply(self, item: Item | None) -> str:
         """Record the reply the engine appended (None or empty: nothing to chain)."""
-        digests = list(self.new_digests)
+        digests, prev, replied = list(self.new_digests), "", False
         if item is not None and item.text.strip():
+            prev, replied = self.head, True
             self.head = digest(self.head, item)
             self.n += 1
             digests.append(self.head)
-        self.router._set_head(self.session.id, self.head, self.n, pending=(self.base, digests))
+        self.router._set_head(
+            self.session.id, self.head, self.n, (self.base, digests), prev, replied
+        )
         return self.head
 
 
@@ -136,11 +142,12 @@ class Router:
         ).fetchone()
         return (row[0], row[1]) if row else ("", 0)
 
-    def _set_head(self, session_id, head, n, pending=None) -> None:
+    def _set_head(self, session_id, head, n, pending=None, prev="", unclaimed=False) -> None:
         with self._tx() as c:
             c.execute(
-                "INSERT OR REPLACE INTO heads (session_id, digest, n, updated) VALUES (?,?,?,?)",
-                [session_id, head, n, time.time()],
+                "INSERT OR REPLACE INTO heads (session_id, digest, n, updated, prev, unclaimed) "
+                "VALUES (?,?,?,?,?,?)",
+                [session_id, head, n, time.time(), prev, int(unclaimed)],
             )
             if pending is not None:
                 c.execute(
@@ -161,20 +168,36 @@ class Router:
         for it in chained:
             prev = digest(prev, it)
             digests.append(prev)
+        index = {d: i + 1 for i, d in enumerate(digests)}
+
+        def after_reply(prev: str) -> int | None:
+            # The framework may resend our last reply reformatted (ReAct, parsers): the
+            # list holds the point before it and then an assistant message in its place.
+            k = index.get(prev) if prev else None
+            if k is not None and k < len(chained) and chained[k].role == "assistant":
+                return k + 1
+            return None
+
         if session_id is not None:
-            head, n = self.head(session_id)
-            if head and head in digests:
-                return session_id, digests.index(head) + 1, head, n
-            return session_id, 0, head, n  # the caller passes only new messages
+            row = self._conn.execute(
+                "SELECT digest, n, prev FROM heads WHERE session_id = ?", [session_id]
+            ).fetchone()
+            head, n, prev = row if row else ("", 0, "")
+            if head and head in index:
+                return session_id, index[head], head, n
+            k = after_reply(prev)
+            return session_id, k or 0, head, n  # no match: the caller passes only new ones
         if digests:
             marks = ",".join("?" * len(digests))
             rows = self._conn.execute(
-                f"SELECT session_id, digest, n FROM heads WHERE digest IN ({marks})", digests
+                f"SELECT session_id, digest, n, prev FROM heads WHERE digest IN ({marks}) "
+                f"OR prev IN ({marks})",
+                digests + digests,
             ).fetchall()
             best = None
-            for sid, d, n in rows:
-                k = digests.index(d) + 1
-                if (best is None or k > best[1]) and self.engine.store.has_session(sid):
+            for sid, d, n, prev in rows:
+                k = index.get(d) or after_reply(prev)
+                if k and (best is None or k > best[1]) and self.engine.store.has_session(sid):
                     best = (sid, k, d, n)
             if best is not None:
                 return best
@@ -257,33 +280,55 @@ class Router:
         """
         with self.lock(session_id):
             session = self.engine.session(session_id)
-            head, n = self.head(session_id)
+            row = self._conn.execute(
+                "SELECT digest, n, prev, unclaimed FROM heads WHERE session_id = ?",
+                [session_id],
+            ).fetchone()
+            head, n, prev, unclaimed = row if row else ("", 0, "", 0)
             row = self._conn.execute(
                 "SELECT base, digests FROM pending WHERE session_id = ?", [session_id]
             ).fetchone()
-            pend_base, pend = (row[0], json.loads(row[1])) if row else ("", [])
-            cursor, i, out = pend_base, 0, []
+            cursor, pend = (row[0], json.loads(row[1])) if row else ("", [])
+            out = []
             for it in items:
-                if it.role != "system" and pend and i < len(pend):
-                    d = digest(cursor, it)
-                    if d == pend[i]:
-                        cursor, i = d, i + 1
-                        continue
-                    pend = []
                 if not it.text.strip():
                     continue
+                if it.role == "system" and self._known_system(session_id, it):
+                    continue
+                if it.role != "system" and pend:
+                    d = digest(cursor, it)
+                    if d == pend[0]:  # the model ingested (or wrote) this one already
+                        cursor, pend = d, pend[1:]
+                        if not pend:
+                            unclaimed = 0
+                        continue
+                    if it.role == "assistant" and unclaimed:  # our reply, reformatted
+                        pend, unclaimed = [], 0
+                        continue
+                    pend = []
                 self._append(session, it)
                 out.append(it)
+                unclaimed = 0
                 if it.role != "system":
-                    head, n = digest(head, it), n + 1
+                    head, n, prev = digest(head, it), n + 1, ""
             with self._tx() as c:
                 c.execute(
-                    "INSERT OR REPLACE INTO heads (session_id, digest, n, updated) "
-                    "VALUES (?,?,?,?)",
-                    [session_id, head, n, time.time()],
+                    "INSERT OR REPLACE INTO heads (session_id, digest, n, updated, prev, "
+                    "unclaimed) VALUES (?,?,?,?,?,?)",
+                    [session_id, head, n, time.time(), prev, unclaimed],
                 )
-                c.execute("DELETE FROM pending WHERE session_id = ?", [session_id])
+                c.execute(
+                    "INSERT OR REPLACE INTO pending (session_id, base, digests) VALUES (?,?,?)",
+                    [session_id, cursor, json.dumps(pend)],
+                )
             return out
+
+    def _known_system(self, session_id: str, item: Item) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM systems WHERE session_id = ? AND digest = ?",
+            [session_id, text_digest(item.text)],
+        ).fetchone()
+        return row is not None
 
 
 def append_split(session: Session, role: str, text: str, metadata: dict) -> None:

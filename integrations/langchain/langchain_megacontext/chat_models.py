@@ -24,7 +24,7 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
@@ -135,6 +135,8 @@ class ChatMegaContext(BaseChatModel):
     stop: list[str] | None = None
     seed: int | None = None
     streaming: bool = False
+    config_session_key: str | None = "session_id"
+    """Also route to `config["configurable"][config_session_key]` when it is set."""
     tool_call_threshold: float = 0.004
     """With tools bound and no forced choice: open a tool call when the model's first-step
     probability of doing so is at least this."""
@@ -196,6 +198,18 @@ class ChatMegaContext(BaseChatModel):
         _ = self.engine
         return self._router
 
+    def _session_from_config(self) -> str | None:
+        """`configurable[config_session_key]` of the running config (RunnableWithMessageHistory
+        passes the session id there), if any."""
+        if not self.config_session_key:
+            return None
+        try:
+            configurable = ensure_config().get("configurable") or {}
+        except Exception:  # no runnable context
+            return None
+        value = configurable.get(self.config_session_key)
+        return value if isinstance(value, str) and value else None
+
     def bind_tools(
         self,
         tools: Sequence[dict[str, Any] | type | Callable | BaseTool],
@@ -245,7 +259,7 @@ class ChatMegaContext(BaseChatModel):
             extra.append(Item("system", _guide.tools_prompt(tools), {ORIGIN: "tools"}))
         max_new = int(kwargs.get("max_tokens") or self.max_tokens)
         stop = list(stop or kwargs.get("stop") or self.stop or [])
-        sid = kwargs.get("session_id") or self.session_id
+        sid = kwargs.get("session_id") or self.session_id or self._session_from_config()
         with self.router.turn(items, sid, extra, self.system_refresh_tokens) as turn:
             session = turn.session
             prefix, proc, allowance = "", None, 0
@@ -347,9 +361,7 @@ class ChatMegaContext(BaseChatModel):
             else:
                 content, tool_calls, usage, meta = value
                 chunks = [
-                    tool_call_chunk(
-                        name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i
-                    )
+                    tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
                     for i, c in enumerate(tool_calls)
                 ]
                 last = AIMessageChunk(
@@ -389,6 +401,8 @@ class ChatMegaContext(BaseChatModel):
         _buffer: bool = False,
         **kwargs: Any,
     ) -> AsyncIterator[Any]:
+        if not (kwargs.get("session_id") or self.session_id):
+            kwargs["session_id"] = self._session_from_config()  # contextvars stay on this thread
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()

@@ -8,9 +8,8 @@ output are decoded under the tool's JSON schema, so those tests exercise the plu
 import tempfile
 
 from langchain_core.messages import AIMessage, HumanMessage
-from langchain_tests.integration_tests import ChatModelIntegrationTests
-
 from langchain_megacontext import ChatMegaContext
+from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 STORE = tempfile.mkdtemp(prefix="mc-lc-integration-")
 

@@ -2,9 +2,8 @@
 
 import tempfile
 
-from langchain_tests.unit_tests import ChatModelUnitTests
-
 from langchain_megacontext import ChatMegaContext
+from langchain_tests.unit_tests import ChatModelUnitTests
 
 STORE = tempfile.mkdtemp(prefix="mc-lc-unit-")
 
