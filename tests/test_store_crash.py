@@ -53,3 +53,10 @@ def test_export_import_rebuilds_the_tree(tmp_path):
         n = a.counts()[level]
         assert np.array_equal(a.gists(level, 0, n), b.gists(level, 0, n))
     assert fsck(tmp_path / "b").clean
+
+
+@pytest.mark.slow
+def test_sigkill_during_regisiting_loses_nothing(tmp_path):
+    # the GistNet version flips every 3 messages: kills land inside whole-session re-gists too
+    res = crash_loop(tmp_path / "st", kills=10, seed=5, max_delay=0.3, regist_every=3)
+    assert res.kills == 10 and res.messages >= res.acked > 6

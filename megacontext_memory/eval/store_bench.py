@@ -265,7 +265,10 @@ def table(result: dict) -> str:
         head = f"{'history':>10} | " + " | ".join(f"{x + ' p50/p95 ms':>22}" for x in layers)
         lines += [head + f" | {'disk B/token':>12} | {'payload B/token':>15}", "-" * len(head)]
         for r in rows:
-            cells = " | ".join(f"{r[x]['p50_ms']:>10.2f} /{r[x]['p95_ms']:>10.2f}" for x in layers)
+            cells = " | ".join(
+                f"{r[x]['p50_ms']:>10.2f} /{r[x]['p95_ms']:>10.2f}" if x in r else f"{'-':>22}"
+                for x in layers
+            )
             lines.append(
                 f"{r['history_tokens']:>10} | {cells} | {r['disk_bytes_per_token']:>12} | "
                 f"{r['payload_bytes_per_token']:>15}"

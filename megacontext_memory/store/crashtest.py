@@ -21,6 +21,7 @@ import numpy as np
 TINY_MODEL = "tiny-test-model"
 TINY_WIDTH = 64
 TINY_VERSION = "tiny-v1"
+TINY_VERSION_2 = "tiny-v2"
 _ALPHABET = "abcdefghij klmnopqrstuvwxyz ÄÖÜ 日本語 😀 \n\t\"'\\{}"
 
 
@@ -84,13 +85,27 @@ def open_tree(store_path, session_id: str, gister):
     return MegaContextTree(ss, gister)
 
 
-def writer(store_path, session_id: str, seed: int, ack_fd: int | None, limit: int = 10**9) -> None:
-    """Append messages of stream `seed` after those committed; ack each index on `ack_fd`."""
-    gister = tiny_gister()
-    tree = open_tree(store_path, session_id, gister)
-    base = gister.base
-    start = tree.store.row()["n_messages"]
+def writer(
+    store_path,
+    session_id: str,
+    seed: int,
+    ack_fd: int | None,
+    limit: int = 10**9,
+    regist_every: int = 0,
+) -> None:
+    """Append messages of stream `seed` after those committed; ack each index on `ack_fd`.
+
+    With `regist_every` = n, the GistNet version flips every n messages: each flip re-gists
+    the whole session (so kills also land inside re-gisting).
+    """
+    gisters = [tiny_gister(), tiny_gister(TINY_VERSION_2)] if regist_every else [tiny_gister()]
+    trees = [open_tree(store_path, session_id, g) for g in gisters[:1]]
+    if regist_every:
+        trees.append(open_tree(store_path, session_id, gisters[1]))
+    base = gisters[0].base
+    start = trees[0].store.row()["n_messages"]
     for i in range(start, start + limit):
+        tree = trees[(i // regist_every) % 2] if regist_every else trees[0]
         role, content, meta = message(seed, i)
         tree.append(role, content, meta, base.encode(content))
         if ack_fd is not None:
@@ -109,10 +124,17 @@ def rebuild(gister, tokens: np.ndarray) -> dict[int, np.ndarray]:
     return gists
 
 
-def verify(store_path, session_id: str, seed: int, acked: int, gister) -> dict:
-    """Check a session after a crash: returns stats; raises AssertionError on any fault."""
+def verify(store_path, session_id: str, seed: int, acked: int, gister, others=()) -> dict:
+    """Check a session after a crash: returns stats; raises AssertionError on any fault.
+
+    The session is opened with whichever of `gister`, *`others` made its gists."""
+    from ..store import Store
     from .fsck import fsck
 
+    store = Store(store_path)
+    if store.has_session(session_id):
+        version = store.open_session(session_id).gist_version
+        gister = next((g for g in (gister, *others) if g.version == version), gister)
     tree = open_tree(store_path, session_id, gister)  # opening cuts torn writes
     rep = fsck(store_path)
     assert rep.clean, rep.lines()
@@ -157,11 +179,17 @@ class CrashResult:
 
 
 def crash_loop(
-    store_path, kills: int, seed: int = 0, max_delay: float = 0.4, session_id: str = "crash"
+    store_path,
+    kills: int,
+    seed: int = 0,
+    max_delay: float = 0.4,
+    session_id: str = "crash",
+    regist_every: int = 0,
 ) -> CrashResult:
     """Fork a writer, SIGKILL it at a random moment, verify; `kills` times."""
     rng = random.Random(seed)
     gister = tiny_gister()
+    others = [tiny_gister(TINY_VERSION_2)] if regist_every else []
     res = CrashResult()
     t0 = time.perf_counter()
     acked = 0
@@ -172,7 +200,7 @@ def crash_loop(
             code = 0
             try:
                 os.close(r)
-                writer(store_path, session_id, seed, w)
+                writer(store_path, session_id, seed, w, regist_every=regist_every)
             except BaseException:  # pragma: no cover - reported through the exit status
                 import traceback
 
@@ -193,7 +221,7 @@ def crash_loop(
         if lines:
             acked = max(acked, lines[-1] + 1)
         res.kills += 1
-        stats = verify(store_path, session_id, seed, acked, gister)
+        stats = verify(store_path, session_id, seed, acked, gister, others)
         stats["acked"] = acked
         res.per_kill.append(stats)
         res.gist_max_diff = max(res.gist_max_diff, stats["gist_max_diff"])

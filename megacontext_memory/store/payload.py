@@ -137,7 +137,7 @@ class PayloadFile:
             f.seek(HEADER_SIZE + start * self.record_size)
             f.write(data.tobytes())
             f.flush()
-            os.fsync(f.fileno())
+            _datasync(f.fileno())  # data and the new size: all a reader needs
 
     def read(self, start: int, end: int) -> np.ndarray:
         """Records [start, end) as an array of shape [end - start, width]."""
@@ -162,6 +162,9 @@ class PayloadFile:
         out = np.array(arr).reshape(end - start, self.width)
         del arr
         return out
+
+
+_datasync = getattr(os, "fdatasync", os.fsync)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -109,6 +109,13 @@ def import_session(engine, header: dict, msgs: list[dict], session_id=None, repl
     """Rebuild one exported session in `engine`'s store; returns the engine Session."""
     sid = header["session"] if session_id is None else session_id
     store = engine.store
+    base, budget = engine.base, engine.config.working_budget
+    for i, m in enumerate(msgs):  # refuse the file before touching the store
+        n = len(base.encode(base.render_message(m["role"], m["content"])))
+        if n > budget:
+            raise ValueError(
+                f"message {i} is {n} tokens, longer than the working budget ({budget})"
+            )
     if store.has_session(sid):
         if store.open_session(sid).row()["n_messages"] and not replace:
             raise StoreError(f"session {sid!r} exists in {store.path}; pass --replace")
@@ -156,6 +163,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="base model: 'default' or an HF id/path")
     p.add_argument("--device", default=None, help="torch device (default: CUDA if available)")
     p.add_argument(
+        "--budget", type=int, default=1024, help="working budget of the engine (positions)"
+    )
+    p.add_argument(
         "--checkpoint",
         default="default",
         help="GistNet checkpoint path; 'default' = the shipped one, 'none' = untrained",
@@ -167,7 +177,11 @@ def _engine(args):
 
     ckpt = None if args.checkpoint == "none" else args.checkpoint
     return MegaContextEngine(
-        store=args.store, model=args.model, device=args.device, gist_checkpoint=ckpt
+        store=args.store,
+        working_budget=args.budget,
+        model=args.model,
+        device=args.device,
+        gist_checkpoint=ckpt,
     )
 
 
