@@ -12,8 +12,8 @@ from llama_index.memory.megacontext import MegaContextMemory
 BUDGET = 512
 
 
-def _pair(tmp_path, session_id="user-1", max_tokens=4):
-    llm = MegaContextLLM(store=str(tmp_path), working_budget=BUDGET, max_tokens=max_tokens)
+def _pair(tmp_path, session_id="user-1", max_tokens=4, budget=BUDGET):
+    llm = MegaContextLLM(store=str(tmp_path), working_budget=budget, max_tokens=max_tokens)
     memory = MegaContextMemory.from_defaults(session_id=session_id, llm=llm)
     return llm, memory
 
@@ -39,7 +39,7 @@ def test_memory_basics_and_state_in_store(tmp_path):
     again.model_copy().put(ChatMessage(role="user", content="third"))
     assert len(memory.get()) == 3
     limited = MegaContextMemory(
-        session_id="s", store=str(tmp_path), working_budget=BUDGET, token_limit=3
+        session_id="s", store=str(tmp_path), working_budget=BUDGET, token_limit=1
     )
     assert [m.content for m in limited.get()] == ["third"]
     memory.set([ChatMessage(role="user", content="only")])
@@ -66,7 +66,7 @@ def _check_once(llm, sid, turns):
     assert len(users) == len(set(users)) == turns
     assert sum(m.role == "assistant" for m in log) == turns
     tel = llm.engine.session(sid).telemetry
-    assert all(t.prefill_tokens + t.reused_prefix <= BUDGET for t in tel)
+    assert all(t.prefill_tokens + t.reused_prefix <= llm.working_budget for t in tel)
 
 
 def test_simple_chat_engine_multi_turn(tmp_path):
@@ -90,7 +90,8 @@ def test_context_chat_engine_multi_turn(tmp_path):
     index = VectorStoreIndex.from_documents(
         [Document(text="The office is on floor 7."), Document(text="Parking is free.")]
     )
-    llm, memory = _pair(tmp_path, "ctx")
+    # the default context prompt alone needs more than 512 positions
+    llm, memory = _pair(tmp_path, "ctx", budget=1024)
     engine = ContextChatEngine.from_defaults(
         retriever=index.as_retriever(similarity_top_k=1), llm=llm, memory=memory
     )
