@@ -21,6 +21,7 @@ class Config:
     device: str | None = None  # None: CUDA when available, else CPU
     working_budget: int = 1024
     recent_raw: int = 96  # newest tokens that always stay raw (the tail is always raw too)
+    pin_system_tokens: int = 128  # a leading system message stays raw (at most budget/4)
     block_size: int = BLOCK_SIZE
     tau_expand: float = 0.2
     tau_collapse: float = 0.2
@@ -45,6 +46,8 @@ class Config:
             raise ValueError(
                 f"recent_raw={self.recent_raw} must be in [0, working_budget/2={self.working_budget // 2}]"
             )
+        if self.pin_system_tokens < 0:
+            raise ValueError(f"pin_system_tokens must be >= 0, got {self.pin_system_tokens}")
         if self.tau_expand < 0 or self.tau_collapse < 0:
             raise ValueError("tau_expand and tau_collapse must be >= 0")
         if self.recency_tokens < 1:

@@ -126,6 +126,9 @@ class Session:
         self._kv_keys: list[tuple] = []
         self._query: list[int] | None = None
         self._lock = threading.RLock()
+        first = self.store.messages(0, 1)
+        if first and first[0].role == "system":
+            self.allocator.pinned = self._pin(first[0].token_end)
         self._sync()
 
     # ---- ingest -----------------------------------------------------------------------
@@ -169,6 +172,8 @@ class Session:
             tel.new_tokens += len(ids)
             if role == "user":
                 self._query = self.engine.base.encode(content)
+            if role == "system" and message.token_start == 0:
+                self.allocator.pinned = self._pin(message.token_end)
             with tel.timed("allocate"):
                 self.wc.extend(self.tree.n_tokens)
                 self._fit(self.config.working_budget)
@@ -176,6 +181,10 @@ class Session:
             if message.token_end // k > message.token_start // k:  # a block completed
                 self._refocus_round(self.config.working_budget, self._query_ids(), tel)
             return message
+
+    def _pin(self, system_end: int) -> int:
+        """How much of a leading system message stays raw (instructions steer every reply)."""
+        return min(system_end, self.config.pin_system_tokens, self.config.working_budget // 4)
 
     def _fit(self, budget: int) -> None:
         """Keep the budget; when over it, free some slack so the next turns reuse the KV."""

@@ -135,7 +135,7 @@ def test_bad_generate_arguments(engine_factory):
 
 def test_checkpoint_for_another_base_model_is_refused(engine_factory, base, tmp_path):
     meta = base_meta(base, "compact") | {"base_model": "some-other-model", "width": 1024}
-    path = save_gist_stack(GistStack(base.width, hidden=64), tmp_path / "other", meta)
+    path = save_gist_stack(GistStack(base.width, hidden=96), tmp_path / "other", meta)
     store = tmp_path / "st"
     engine_factory(store=store).session("keep").append("user", "still here")
     with pytest.raises(CheckpointMismatch, match="another base model.*some-other-model"):

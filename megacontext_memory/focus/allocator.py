@@ -44,6 +44,7 @@ class FocusAllocator:
         self.config = config
         self.tick = 0
         self.moved_at: dict[tuple[int, int], int] = {}
+        self.pinned = 0  # tokens [0, pinned) stay raw: the leading system message
 
     # ---- candidates -------------------------------------------------------------------
     def _cooling(self, level: int, index: int) -> bool:
@@ -59,6 +60,8 @@ class FocusAllocator:
         out = []
         entries = wc.entries
         for i, e in enumerate(entries):
+            if e.start < self.pinned:
+                continue
             if e.level == 0:
                 if e.cost == K and e.end <= protected and e.index < tree.count(1):
                     parent = Entry.node(1, e.index, n_tok)
