@@ -382,3 +382,24 @@ def test_busy_database_waits_instead_of_failing(tmp_path, gister):
     fill(tree, 1, 2)  # waits for the lock, never raises 'database is locked'
     th.join()
     assert done.is_set() and len(tree.store.messages()) == 2
+
+
+def test_database_deleted_while_in_use_is_never_written_silently(filled, gister):
+    path = filled.store.store.path
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        (path / name).unlink(missing_ok=True)
+    with pytest.raises(StoreError, match=rf"{path / 'index.db'}"):
+        fill(filled, 7, 1, start=30)  # an open connection must not acknowledge into the void
+    errors = []
+
+    def other_thread():  # a fresh per-thread connection must fail, not create a new index
+        try:
+            filled.store.messages()
+        except StoreError as e:
+            errors.append(e)
+
+    th = threading.Thread(target=other_thread)
+    th.start()
+    th.join()
+    assert errors and str(path / "index.db") in str(errors[0])
+    assert not (path / "index.db").exists()

@@ -22,6 +22,7 @@ import shutil
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -131,6 +132,7 @@ class Store:
                 "the index (and the message log in it) was deleted; "
                 f"run `megacontext fsck --store {self.path}` to inspect"
             )
+        self._creating = not self.db_path.exists()
         self._local = threading.local()
         self._stale: list[sqlite3.Connection] = []
         self._locks = KeyLocks(self.path / "locks")
@@ -164,9 +166,18 @@ class Store:
             self._stale.append(db.conn)
             db = None
         if db is None:
-            conn = sqlite3.connect(
-                self.db_path, timeout=60, isolation_level=None, check_same_thread=False
-            )
+            # Only the first connection of a new store may create the file: a connection
+            # opened after index.db was deleted must fail, not start an empty index.
+            mode = "rwc" if self._creating else "rw"
+            uri = f"file:{urllib.parse.quote(str(self.db_path.absolute()))}?mode={mode}"
+            try:
+                conn = sqlite3.connect(
+                    uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False
+                )
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"{self.db_path}: cannot open the index ({e})") from None
+            self._creating = False
+            self._local.ino = os.stat(self.db_path).st_ino
             retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA secure_delete=ON")  # deleted sessions leave no bytes behind
@@ -186,6 +197,15 @@ class Store:
         conn = self.db.conn
         retry(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
+            try:
+                same = os.stat(self.db_path).st_ino == self._local.ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # never acknowledge a write into a deleted or replaced index
+                raise StoreError(
+                    f"{self.db_path} was deleted or replaced while in use; "
+                    f"run `megacontext fsck --store {self.path}`"
+                )
             yield conn
             retry(lambda: conn.execute("COMMIT"))
         except BaseException:
