@@ -8,7 +8,7 @@ import pytest
 from megacontext_memory.store import Store
 from megacontext_memory.store.crashtest import concurrent_writers, crash_loop
 from megacontext_memory.store.fsck import fsck
-from megacontext_memory.store.transfer import export_main, import_main
+from megacontext_memory.store.transfer import export_main, import_main, reindex_main
 
 
 @pytest.mark.slow
@@ -52,6 +52,10 @@ def test_export_import_rebuilds_the_tree(tmp_path):
     for level in range(1, max(a.counts()) + 1):
         n = a.counts()[level]
         assert np.array_equal(a.gists(level, 0, n), b.gists(level, 0, n))
+    assert fsck(tmp_path / "b").clean
+    store_b = ["--store", str(tmp_path / "b"), "--checkpoint", "none"]
+    assert reindex_main([*store_b, "--force", "--session", s.id]) == 0
+    assert np.array_equal(a.gists(1, 0, a.counts()[1]), b.gists(1, 0, b.counts()[1]))
     assert fsck(tmp_path / "b").clean
 
 

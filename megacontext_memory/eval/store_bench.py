@@ -200,6 +200,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the JSON result to this file")
     p.add_argument("--seed", type=int, default=0, help="seed of the crash harness")
+    p.add_argument(
+        "--regist-every",
+        type=int,
+        default=0,
+        help="crash harness: flip the GistNet version every N messages, so kills also land "
+        "inside whole-session re-gists (0 = never)",
+    )
     return p
 
 
@@ -210,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": {"cpus": os.cpu_count()}}
     if "crash" in parts:
-        r = crash_loop(root / "crash", args.kills, seed=args.seed)
+        r = crash_loop(root / "crash", args.kills, seed=args.seed, regist_every=args.regist_every)
         result["crash"] = {
             "kills": r.kills,
+            "regist_every": args.regist_every,
             "acknowledged": r.acked,
             "messages": r.messages,
             "tokens": r.tokens,
