@@ -24,12 +24,6 @@ class Fact:
 
 FACTS = (
     Fact(
-        "Please remember this: the code for my storage unit is 7391.",
-        "Noted. The code for your storage unit is 7391.",
-        "What is the code for my storage unit?",
-        "7391",
-    ),
-    Fact(
         "Remember that my sister Margarethe lives in Lisbon.",
         "Got it: your sister Margarethe lives in Lisbon.",
         "In which city does my sister Margarethe live?",
@@ -40,6 +34,12 @@ FACTS = (
         "Understood, your flight to Oslo leaves from gate B47.",
         "Which gate does my flight to Oslo leave from?",
         "B47",
+    ),
+    Fact(
+        "Please remember this: the code for my storage unit is 7391.",
+        "Noted. The code for your storage unit is 7391.",
+        "What is the code for my storage unit?",
+        "7391",
     ),
 )
 
