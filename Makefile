@@ -7,7 +7,7 @@ STAMP := .venv/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/setup.sh $(wildcard integrations/*/pyproject.toml)
+$(STAMP): pyproject.toml scripts/setup.sh $(shell find integrations -name pyproject.toml)
 	bash scripts/setup.sh
 	touch $(STAMP)
 
@@ -15,9 +15,7 @@ demo: $(STAMP)
 	.venv/bin/megacontext demo
 
 test: $(STAMP)
-	.venv/bin/ruff check .
-	.venv/bin/ruff format --check .
-	$(PY) -m pytest -q
+	bash scripts/test.sh
 
 lint: $(STAMP)
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

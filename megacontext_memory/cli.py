@@ -15,6 +15,7 @@ DELEGATED = {
     "train-gist": ("training.gist_train", "train_gist_main", "train GistNet (L1, then L2)"),
     "eval-gist": ("eval.gist_eval", "eval_gist_main", "held-out recovery of L1/L2 gists"),
     "eval-recall": ("eval.recall", "eval_recall_main", "recall of an old fact vs baselines"),
+    "bench-scaling": ("eval.scaling", "bench_scaling_main", "per-turn cost as history grows"),
     "fsck": ("store.fsck", "fsck_main", "check (and --repair) a store's files and index"),
     "reindex": ("store.transfer", "reindex_main", "re-gist every session with the current GistNet"),
     "export": ("store.transfer", "export_main", "write a session's messages as JSONL"),

@@ -1,0 +1,101 @@
+"""Per-turn cost as the history grows: latency split, prefill size and RSS.
+
+A turn = one user message appended + a reply of `--reply` tokens. The working context is
+capped at the budget, so everything but the disk-side append should stay flat.
+
+    megacontext bench-scaling --sizes 1000 10000 100000 1000000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import tempfile
+import time
+
+from tqdm import tqdm
+
+from ..demo import dialogue_turns
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
+    from .. import MegaContextEngine
+
+    engine = MegaContextEngine(store=tempfile.mkdtemp(prefix="mc-scale-"), working_budget=budget)
+    s = engine.session("scaling")
+    lines = itertools.cycle(text for _, text in dialogue_turns(seed=1))
+    rows = []
+    for size in sorted(sizes):
+        bar = tqdm(total=size, initial=s.token_count(), desc=f"history -> {size}", unit="tok")
+        while s.token_count() < size:
+            chunk = " ".join(next(lines) for _ in range(12))
+            before = s.token_count()
+            s.append("assistant" if s.token_count() % 2 else "user", chunk[:2000])
+            bar.update(s.token_count() - before)
+        bar.close()
+        for t in range(turns):
+            t0 = time.perf_counter()
+            s.append("user", f"Tell me one more thing about that, please ({t}).")
+            append_ms = (time.perf_counter() - t0) * 1000
+            s.generate(max_new_tokens=reply)
+            tel = s.telemetry[-1]
+            rows.append(
+                {
+                    "history_tokens": s.token_count(),
+                    "turn": t,
+                    "append_ms": round(append_ms, 1),
+                    "positions_used": tel.positions_used,
+                    "prefill_tokens": tel.prefill_tokens,
+                    "latency_ms": tel.latency_ms,
+                    "rss_mb": round(_rss_mb(), 1),
+                    "per_level": tel.entries_per_level,
+                }
+            )
+    return {
+        "budget": budget,
+        "reply_tokens": reply,
+        "device": str(engine.base.device),
+        "rows": rows,
+    }
+
+
+def bench_scaling_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="megacontext bench-scaling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1000, 10000, 100000],
+        help="history lengths (tokens) at which turns are timed",
+    )
+    p.add_argument("--budget", type=int, default=1024, help="working budget")
+    p.add_argument("--turns", type=int, default=2, help="timed turns per size")
+    p.add_argument("--reply", type=int, default=16, help="reply length in tokens")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = p.parse_args(argv)
+    result = run(args.sizes, args.budget, args.turns, args.reply)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{'history':>9} {'append':>7} {'score':>6} {'alloc':>6} {'prefill':>8} "
+        f"{'(tok)':>6} {'decode':>7} {'used':>5} {'rss MB':>7}   (ms)"
+    )
+    for r in result["rows"]:
+        lat = r["latency_ms"]
+        print(
+            f"{r['history_tokens']:>9} {r['append_ms']:>7.0f} {lat['score']:>6.0f} "
+            f"{lat['allocate']:>6.0f} {lat['prefill']:>8.0f} {r['prefill_tokens']:>6} "
+            f"{lat['decode']:>7.0f} {r['positions_used']:>5} {r['rss_mb']:>7.0f}"
+        )
+    return 0
