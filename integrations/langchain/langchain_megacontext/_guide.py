@@ -23,9 +23,7 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 TOOLS_PROMPT = (
-    "You are an expert in composing functions. You are given a question and a set of "
-    "possible functions. Based on the question, you may call one of the functions.\n\n"
-    "You have access to the following tools:\n<tools>{tools}</tools>\n\n"
+    "You can call these tools:\n<tools>{tools}</tools>\n"
     "To call a tool, reply with exactly:\n"
     '<tool_call>\n{{"name": "func_name", "arguments": {{"argument1": "value1"}}}}\n</tool_call>\n'
     "If no tool is needed, answer normally."
@@ -218,6 +216,7 @@ class Guide:
         self.free = False  # the gate chose plain text
         self.tool_name: str | None = None
         self._forced: list[int] | None = None
+        self.value_ids: list[int] = []
 
     # -- helpers
     def _seg(self):
@@ -225,6 +224,7 @@ class Guide:
 
     def _next(self) -> None:
         self.i, self.pos, self.value, self.cands, self._forced = self.i + 1, 0, "", None, None
+        self.value_ids = []
 
     def _force_ids(self) -> list[int]:
         if self._forced is None:
@@ -251,6 +251,7 @@ class Guide:
                 self._next()
             else:
                 self.pos += 1
+                self.value_ids.append(tok)
         elif kind in ("int", "number"):
             text = self.v.tokenizer.decode([tok])
             if text.strip() and all(c.isdigit() or c in "-." for c in text) or text == " ":
@@ -313,7 +314,10 @@ class Guide:
             return out
         if kind == "string":
             if self.pos >= self.max_string:
-                return self._only(logits, [self.v.quote])
+                # close the string, unless that would cut a multi-byte character in half
+                partial = self.v.tokenizer.decode(self.value_ids).endswith("\ufffd")
+                if not partial or self.pos >= self.max_string + 4:
+                    return self._only(logits, [self.v.quote])
             mask = self.v.in_string.clone()
             if self.pos > 0:
                 mask[self.v.quote] = True
@@ -368,6 +372,8 @@ def plan(
         tool = by_name[names[0]]
         prefix = f'{OPEN}\n{{"name": "{names[0]}", "arguments":'
         segs = call_segments(tool)
+        if segs[0][0] == "force":  # known text goes into the prefill, not token by token
+            prefix += segs.pop(0)[1]
     elif names is not None:
         prefix = f'{OPEN}\n{{"name": "'
         segs = [("tool", {n: by_name[n] for n in names})]

@@ -7,11 +7,13 @@ output are decoded under the tool's JSON schema, so those tests exercise the plu
 
 import tempfile
 
+import pytest
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_megacontext import ChatMegaContext
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 STORE = tempfile.mkdtemp(prefix="mc-lc-integration-")
+pytestmark = pytest.mark.slow  # ~40 real generations, tool calls decoded token by token
 
 
 class TestChatMegaContextIntegration(ChatModelIntegrationTests):
