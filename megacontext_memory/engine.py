@@ -195,7 +195,13 @@ class Session:
         """Catch up with messages other processes appended to this session."""
         n_before = self.tree.n_tokens
         self.tree.refresh()
-        if self.tree.n_tokens != n_before or not self.wc.entries:
+        grown = self.tree.n_tokens - n_before
+        if not self.wc.entries or grown > self.config.working_budget:
+            # (Re)build in one pass rather than collapsing a long all-raw history block by block.
+            raw = self.config.working_budget // 2
+            self.wc = WorkingContext.coarse(self.tree, raw, self.allocator.pinned)
+            self._fit(self.config.working_budget)
+        elif grown:
             self.wc.extend(self.tree.n_tokens)
             self._fit(self.config.working_budget)
 

@@ -82,7 +82,7 @@ class MegaContextTree:
         if not indices:
             return np.zeros((0, self.store.width), np.float32)
         lo, hi = min(indices), max(indices) + 1
-        rows = self.store.gists(level, lo, hi)
+        rows = self.store.gists(level, lo, hi, version=self.gister.version)
         return rows[np.asarray(indices) - lo].astype(np.float32)
 
     # ---- writes -----------------------------------------------------------------------

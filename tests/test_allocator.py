@@ -92,3 +92,13 @@ def test_over_budget_with_nothing_collapsible_is_a_clear_error():
     wc.extend(200)
     with pytest.raises(BudgetError, match="nothing more can be collapsed"):
         alloc.fit(wc, FakeTree(200), 60)
+
+
+@pytest.mark.parametrize("n", [0, 5, 31, 32, 1000, 40000, 1_100_000])
+def test_coarse_tiling_is_legal_and_small(n):
+    tree = FakeTree(n)
+    wc = WorkingContext.coarse(tree, raw_tokens=300, pinned=11)
+    check_invariants(wc, tree, None, recent_raw=96)
+    assert len(wc) <= 300 + 32 + 32 + 31 * 5  # raw tail, pinned block, <= 31 nodes per level
+    if n >= 1000:
+        assert wc.entries[0].level == 0 and wc.entries[-1].level == 0

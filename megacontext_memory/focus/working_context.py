@@ -43,6 +43,28 @@ class WorkingContext:
     def __init__(self, entries: list[Entry] | None = None):
         self.entries: list[Entry] = list(entries or [])
 
+    @classmethod
+    def coarse(cls, tree: MegaContextTree, raw_tokens: int, pinned: int = 0) -> WorkingContext:
+        """A fresh tiling in one pass: the pinned head and the newest ~`raw_tokens` raw,
+        everything between as the largest complete tree nodes. Refocusing refines it."""
+        n = tree.n_tokens
+        head = min(-(-pinned // K) * K, n // K * K)  # whole blocks of the pinned head
+        raw_from = max(head, (n - raw_tokens) // K * K)
+        entries = [Entry.node(0, b, n) for b in range(head // K)]
+        pos = len(entries) * K
+        while pos < raw_from:
+            level = 1
+            while (
+                pos % K ** (level + 1) == 0
+                and pos // K ** (level + 1) < tree.count(level + 1)
+                and pos + K ** (level + 1) <= raw_from
+            ):
+                level += 1
+            entries.append(Entry.node(level, pos // K**level, n))
+            pos += K**level
+        entries += [Entry.node(0, b, n) for b in range(pos // K, -(-n // K))]
+        return cls(entries)
+
     def __len__(self) -> int:
         """Positions in use (raw tokens count one each, gists one each)."""
         return sum(e.cost for e in self.entries)
