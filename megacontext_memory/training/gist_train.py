@@ -217,16 +217,19 @@ class HeldoutProbe:
     def __init__(self, base, cfg: TrainConfig):
         self.base, self.cfg = base, cfg
         self.prefix = 32
-        self.spec = data.WindowSpec(self.prefix, 1, cfg.horizon, span=cfg.span_tokens())
+        self.horizon = 32  # fixed, so checks stay comparable whatever horizon trains
+        self.spec = data.WindowSpec(self.prefix, 1, self.horizon, span=cfg.span_tokens())
         windows = data.heldout_windows(base, self.spec, cfg.eval_windows, seed=1234)
         self.ids = torch.as_tensor(np.concatenate([windows[s] for s in sorted(windows)]))
         self.ids = self.ids.to(base.device)
         self.full, self.drop = [], []
         for chunk in self.ids.split(4):
-            tgt = obj.horizon_targets(chunk, cfg.horizon)
-            lp, _ = obj.teacher_logprobs(base, chunk, self.prefix, cfg.horizon)
+            tgt = obj.horizon_targets(chunk, self.horizon)
+            lp, _ = obj.teacher_logprobs(base, chunk, self.prefix, self.horizon)
             self.full.append(obj.nll(lp, tgt))
-            self.drop.append(obj.nll(obj.drop_logprobs(base, chunk, self.prefix, cfg.horizon), tgt))
+            self.drop.append(
+                obj.nll(obj.drop_logprobs(base, chunk, self.prefix, self.horizon), tgt)
+            )
         self.full, self.drop = torch.cat(self.full), torch.cat(self.drop)
 
     @torch.no_grad()
@@ -234,10 +237,10 @@ class HeldoutProbe:
         stack.eval()
         nlls, kls = [], []
         for chunk in self.ids.split(4):
-            tgt = obj.horizon_targets(chunk, self.cfg.horizon)
-            teacher, cache = obj.teacher_logprobs(self.base, chunk, self.prefix, self.cfg.horizon)
+            tgt = obj.horizon_targets(chunk, self.horizon)
+            teacher, cache = obj.teacher_logprobs(self.base, chunk, self.prefix, self.horizon)
             _, spans, hor = obj.split_window(
-                chunk, self.prefix, 1, self.cfg.span_tokens(), self.cfg.horizon
+                chunk, self.prefix, 1, self.cfg.span_tokens(), self.horizon
             )
             g = make_gists(self.base, stack, spans, self.cfg.level)
             lp = obj.student_logprobs(self.base, cache, self.prefix, g, hor)
