@@ -124,7 +124,7 @@ def test_create_agent_with_checkpointer_50_turns(tmp_path):
     state_texts = [
         (type(m).__name__, m.text or str(m.tool_calls)) for m in messages if m.text or m.tool_calls
     ]
-    chained = [m for m in log if m.role != "system"]
+    chained = [m for m in log if m.role != "system" and m.content.strip()]
     assert len(chained) == len(state_texts)
     assert Counter(m.role for m in chained)["user"] == 50
     assert sum(isinstance(m, HumanMessage) for m in messages) == 50
