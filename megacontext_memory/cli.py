@@ -52,10 +52,12 @@ def cmd_demo(args) -> int:
     fact = FACTS[args.fact]
     script = conversation(engine.base, args.tokens, fact, seed=args.seed)
     session = engine.session(f"demo-{int(time.time())}")
-    reply_at = {len(script) * k // 4 for k in (1, 2, 3)}  # live model turns along the way
+    # Three live model turns along the way: at the assistant turns nearest each quarter.
+    assistant_at = [i for i, (role, _) in enumerate(script) if role == "assistant"]
+    reply_at = {min(assistant_at, key=lambda i: abs(i - len(script) * k // 4)) for k in (1, 2, 3)}
     rows, labels = [], []
     for i, (role, text) in enumerate(tqdm(script, desc="conversation", unit="msg")):
-        if i in reply_at and role == "assistant":
+        if i in reply_at:
             session.generate(max_new_tokens=24)
             rows.append(session.level_map())
             labels.append(f"turn {len(session.telemetry)} ({session.token_count()} tok)")
