@@ -108,7 +108,9 @@ def test_create_agent_with_checkpointer_50_turns(tmp_path):
     from langchain.agents import create_agent
     from langgraph.checkpoint.memory import InMemorySaver
 
-    llm = _llm(tmp_path)
+    # tools are bound (and described to the model) but never opened here, to keep 50 turns
+    # cheap; test_create_agent_calls_its_tool covers the tool round trip
+    llm = _llm(tmp_path, tool_call_threshold=1.0)
     agent = create_agent(
         llm, tools=[lookup], system_prompt="You are an agent.", checkpointer=InMemorySaver()
     )
@@ -132,3 +134,26 @@ def test_create_agent_with_checkpointer_50_turns(tmp_path):
     n_tool = sum(isinstance(m, ToolMessage) for m in messages)
     assert Counter(m.role for m in chained)["tool"] == n_tool
     _check_bounded(llm, sid, sum(isinstance(m, AIMessage) for m in messages))
+
+
+def test_create_agent_calls_its_tool(tmp_path):
+    from langchain.agents import create_agent
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    llm = _llm(tmp_path, tool_call_threshold=0.0, max_string_tokens=6)  # always use the tool
+    agent = create_agent(llm, tools=[lookup], checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": "thread-2"}}
+    for i in range(2):
+        state = agent.invoke({"messages": [HumanMessage(f"Look up key k{i}.")]}, config)
+    messages = state["messages"]
+    assert [type(m).__name__ for m in messages] == [
+        "HumanMessage",
+        "AIMessage",
+        "ToolMessage",
+    ] * 2 + ["AIMessage"] or sum(isinstance(m, ToolMessage) for m in messages) == 2
+    assert all(m.content.startswith("value-of-") for m in messages if isinstance(m, ToolMessage))
+    sid = messages[1].response_metadata["session_id"]
+    log = [m for m in _log(llm, sid) if m.role != "system" and m.content.strip()]
+    texts = [m for m in messages if m.text or getattr(m, "tool_calls", None)]
+    assert len(log) == len(texts)  # each graph message ingested exactly once
+    assert [m.role for m in log].count("tool") == 2
