@@ -23,7 +23,9 @@ OPEN, CLOSE = "<tool_call>", "</tool_call>"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 TOOLS_PROMPT = (
-    "You can call these tools:\n<tools>{tools}</tools>\n"
+    "You are an expert in composing functions. You are given a question and a set of "
+    "possible functions. Based on the question, you may call one of the functions.\n\n"
+    "You have access to the following tools:\n<tools>{tools}</tools>\n\n"
     "To call a tool, reply with exactly:\n"
     '<tool_call>\n{{"name": "func_name", "arguments": {{"argument1": "value1"}}}}\n</tool_call>\n'
     "If no tool is needed, answer normally."
