@@ -16,7 +16,8 @@ from langchain_core.messages import (
     messages_from_dict,
 )
 
-from ._router import ORIGIN, Item, digest, get_engine, get_router, merged_messages
+from megacontext_memory.routing import ORIGIN, Item, digest, get_engine, get_router, merged_messages
+
 from .chat_models import ID_PREFIX, ROUTER_NAME, reply_message, to_item
 
 HIDDEN = ("prompt-system", "tools")  # ingested by the chat model from its prompt, not history

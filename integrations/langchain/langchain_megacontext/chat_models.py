@@ -29,8 +29,9 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field, PrivateAttr
 
+from megacontext_memory.routing import ORIGIN, Item, Router, get_engine, get_router
+
 from . import _guide
-from ._router import ORIGIN, Item, Router, get_engine, get_router
 
 ROUTER_NAME, ID_PREFIX = "langchain", "lc-"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -103,7 +104,7 @@ class ChatMegaContext(BaseChatModel):
     """Chat model backed by a MegaContext engine: unbounded memory at a fixed budget.
 
     Every call routes to an engine session: messages the session already holds are
-    recognised and only new ones are ingested (see `_router`); `session_id` (here or per
+    recognised and only new ones are ingested (see `megacontext_memory.routing`); `session_id` (here or per
     call) pins the session explicitly.
 
     ```python

@@ -22,7 +22,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from ._router import ORIGIN, Item, Router, get_engine, get_router
+from megacontext_memory.routing import ORIGIN, Item, Router, get_engine, get_router
 
 ROUTER_NAME, ID_PREFIX = "llamaindex", "li-"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -9,14 +9,15 @@ from typing import Any
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.memory.types import BaseMemory
-from llama_index.llms.megacontext._router import (
+from llama_index.llms.megacontext.base import ID_PREFIX, ROUTER_NAME, from_engine, to_item
+
+from megacontext_memory.routing import (
     ORIGIN,
     Router,
     get_engine,
     get_router,
     merged_messages,
 )
-from llama_index.llms.megacontext.base import ID_PREFIX, ROUTER_NAME, from_engine, to_item
 
 HIDDEN = ("prompt-system", "tools")  # system prompts an LLM ingested from its prompt
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megacontext_memory import MegaContextEngine, Session
+from .engine import MegaContextEngine, Session
 
 ORIGIN = "mc_origin"  # metadata key saying who ingested a message and why
 
