@@ -14,3 +14,8 @@ for project in $(find integrations -name pyproject.toml -not -path "*/.venv/*" |
     (cd "$dir" && $PY -m pytest -q tests)
   fi
 done
+# The cookbook must keep working: run every example end to end.
+for example in cookbook/*.py; do
+  echo "== $example"
+  $PY "$example"
+done
