@@ -30,7 +30,10 @@ def save_gist_stack(stack: GistStack, path: str | Path, meta: dict) -> Path:
     tmp = weights.with_suffix(".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}, tmp)
     tmp.replace(weights)
-    meta = dict(meta, hidden=stack.levels[0].hidden, version=file_version(weights))
+    net = stack.levels[0]
+    meta = dict(
+        meta, hidden=net.hidden, heads=net.encode.attn.num_heads, version=file_version(weights)
+    )
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return weights
 
@@ -62,7 +65,9 @@ def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[G
         raise CheckpointMismatch(
             f"GistNet checkpoint {path} was made for another base model ({detail})"
         )
-    stack = GistStack(base.width, hidden=meta["hidden"], embed_rms=base.embed_rms)
+    stack = GistStack(
+        base.width, hidden=meta["hidden"], heads=meta.get("heads", 6), embed_rms=base.embed_rms
+    )
     stack.load_state_dict(load_file(weights))
     return stack.eval().requires_grad_(False), meta
 
