@@ -82,6 +82,19 @@ def test_gradients_reach_the_gist_through_the_frozen_model(gist_base):
     assert all(p.grad is None for p in gist_base.model.parameters())
 
 
+def test_level2_trains_over_frozen_level1_with_several_spans(gist_base):
+    cfg = TrainConfig(level=2, horizon=4, batch=1)
+    stack = _stack(gist_base)
+    stack.net(1).requires_grad_(False)
+    spec = data.WindowSpec(4, 2, 4, span=cfg.span_tokens())  # two 1,024-token spans at once
+    ids = torch.as_tensor(
+        data.WindowSampler(data.load_streams(gist_base, "train"), seed=2).sample(spec, 1)[0]
+    )
+    window_loss(gist_base, stack, ids, 4, 2, cfg).backward()
+    assert stack.net(2).up.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in stack.net(1).parameters())
+
+
 def test_train_loop_saves_and_resumes(gist_base, tmp_path):
     cfg = TrainConfig(
         out=str(tmp_path / "run"),

@@ -94,7 +94,8 @@ class BaseModel:
         ).hexdigest()[:16]
         self.eos_ids = self._eos_ids()
         params = inspect.signature(self.model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        # Newer transformers call the KV-cache argument `cache`, older ones `past_key_values`.
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None) -> BaseModel:
@@ -168,7 +169,7 @@ class BaseModel:
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=True,
-            **{self._cache_kwarg: cache},
+            **{self.cache_kwarg: cache},
         )
         return out.logits, cache
 

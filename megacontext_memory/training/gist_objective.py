@@ -33,8 +33,8 @@ def _run(base, embeds: torch.Tensor, start: int, cache, last: int):
     out = base.model.model(
         inputs_embeds=embeds.to(base.model.dtype),
         position_ids=_positions(base, start, t, b),
-        past_key_values=cache,
         use_cache=True,
+        **{base.cache_kwarg: cache},
     )
     logits = base.model.lm_head(out.last_hidden_state[:, t - last :])
     return logits.float().log_softmax(-1), cache

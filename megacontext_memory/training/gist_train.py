@@ -3,7 +3,7 @@
 Level 1: windows `[prefix][span x n][horizon]` from the training split; the teacher is the
 frozen LLM on raw tokens, the student sees each 32-token span replaced by its gist, and
 the loss is KL(teacher || student) over the horizon. Some windows gist several adjacent
-spans at once, as the working context does at inference.
+spans at once, as the working context does at inference (at both levels).
 
 Level 2 (run after level 1, starting from its checkpoint): the span is 1024 tokens; the
 frozen L1 net turns it into 32 L1 gists and the L2 net compresses those to one vector.
@@ -56,8 +56,8 @@ class TrainConfig:
     # Prefix lengths to draw from: few shapes, because CPU kernels are cached per shape.
     prefixes: str = "16,32,48"
     horizon: int = 16  # training horizon; evaluation always scores 32
-    multi_prob: float = 0.2  # L1: share of steps whose windows gist several spans
-    multi_spans: str = "2,3"  # L1: how many spans such a step gists
+    multi_prob: float = 0.2  # share of steps whose windows gist several spans
+    multi_spans: str = "2,3"  # how many spans such a step gists
     hidden: int = 384
     heads: int = 6
     eval_every: int = 100
@@ -120,12 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--multi-prob",
         type=float,
         default=d.multi_prob,
-        help="level 1: fraction of steps that gist several adjacent spans at once",
+        help="fraction of steps that gist several adjacent spans at once",
     )
     p.add_argument(
         "--multi-spans",
         default=d.multi_spans,
-        help="level 1: comma-separated span counts for multi-span steps",
+        help="comma-separated span counts for multi-span steps",
     )
     p.add_argument("--hidden", type=int, default=d.hidden, help="GistNet hidden width")
     p.add_argument("--heads", type=int, default=d.heads, help="GistNet attention heads")
@@ -281,11 +281,10 @@ def export(
 ) -> None:
     meta = base_meta(base, obj.POSITION_CONVENTION)
     history = dict((init_meta or {}).get("training", {}))
-    history[f"L{cfg.level}"] = {
-        "steps": step,
-        "config": asdict(cfg),
-        "heldout_probe": metrics,
-    }
+    entry = {"steps": step, "config": asdict(cfg), "heldout_probe": metrics}
+    if f"L{cfg.level}" in history:  # a run continued from a checkpoint: keep the earlier stage
+        entry["continued_from"] = history[f"L{cfg.level}"]
+    history[f"L{cfg.level}"] = entry
     meta.update(
         {
             "block_size": BLOCK_SIZE,
@@ -373,7 +372,7 @@ def train(cfg: TrainConfig, base: BaseModel | None = None, progress: bool = True
     )
     while step < cfg.steps:
         n_spans = 1
-        if cfg.level == 1 and rng.random() < cfg.multi_prob:
+        if rng.random() < cfg.multi_prob:
             n_spans = int(rng.choice(_ints(cfg.multi_spans)))
         n_prefix = int(rng.choice(_ints(cfg.prefixes)))
         spec = data.WindowSpec(n_prefix, n_spans, cfg.horizon, span=cfg.span_tokens())
