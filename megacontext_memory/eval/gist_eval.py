@@ -47,6 +47,8 @@ def bootstrap_ci(full, drop, other, n: int, seed: int) -> list[float]:
     f, d, o = full[idx].mean(1), drop[idx].mean(1), other[idx].mean(1)
     gap = d - f
     r = np.where(gap > 0, (d - o) / np.where(gap > 0, gap, 1), np.nan)
+    if np.isnan(r).all():  # dropping the span never hurt: recovery is undefined
+        return [float("nan"), float("nan")]
     lo, hi = np.nanpercentile(r, [2.5, 97.5])
     return [float(lo), float(hi)]
 
