@@ -37,27 +37,36 @@ class HeuristicScorer:
         self._cache: tuple | None = None
 
     def _presence(self, tree: MegaContextTree, query: list[int]):
-        """Prefix sums over blocks of each informative query token, and the tokens' weights."""
-        key = (id(tree), tree.n_tokens, tuple(sorted(set(query))))
-        if self._cache and self._cache[0] == key:
-            return self._cache[1]
-        toks = tree.tokens()
-        nb = -(-len(toks) // K)
-        blocks = np.full(nb * K, -1, np.int64)
-        blocks[: len(toks)] = toks
-        blocks = blocks.reshape(nb, K)
+        """Prefix sums over blocks of each informative query token, and the tokens' weights.
+
+        Incremental: while the query stays the same, only blocks new since the last call
+        (and the one that was still filling) are scanned, so each completed block costs
+        the same however long the history is.
+        """
         terms = np.unique(np.asarray(query, np.int64))
-        present = (
-            np.stack([(blocks == t).any(1) for t in terms])
-            if len(terms)
-            else np.zeros((0, nb), bool)
-        )
+        key = (id(tree), tuple(terms.tolist()))
+        n = tree.n_tokens
+        if self._cache is None or self._cache[0] != key or self._cache[1] > n:
+            self._cache = (key, 0, np.zeros((len(terms), 0), bool), None)
+        _, done, present, result = self._cache
+        if done == n and result is not None:
+            return result
+        first = done // K  # the block that may still have been filling
+        toks = tree.tokens(first * K, n)
+        nb_new = -(-len(toks) // K)
+        blocks = np.full(nb_new * K, -1, np.int64)
+        blocks[: len(toks)] = toks
+        blocks = blocks.reshape(nb_new, K)
+        new = np.stack([(blocks == t).any(1) for t in terms]) if len(terms) else None
+        present = np.concatenate([present[:, :first], new], 1) if new is not None else present
+        nb = -(-n // K)
         df = present.sum(1)
         weight = np.log((nb + 1) / (df + 1))
         weight[(df == 0) | (df > max(1.0, self.max_doc_freq * nb))] = 0.0
         prefix = np.concatenate([np.zeros((len(terms), 1), np.int64), present.cumsum(1)], axis=1)
-        self._cache = (key, (prefix, weight))
-        return prefix, weight
+        result = (prefix, weight)
+        self._cache = (key, n, present, result)
+        return result
 
     def relevance(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
         """IDF-weighted share of the query's informative tokens found in each entry's span."""
