@@ -44,7 +44,7 @@ class HeuristicScorer:
         the same however long the history is.
         """
         terms = np.unique(np.asarray(query, np.int64))
-        key = (id(tree), tuple(terms.tolist()))
+        key = (tree, tuple(terms.tolist()))  # the tree itself: an id() could be reused
         n = tree.n_tokens
         if self._cache is None or self._cache[0] != key or self._cache[1] > n:
             self._cache = (key, 0, np.zeros((len(terms), 0), bool), None)
