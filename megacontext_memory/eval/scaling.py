@@ -55,6 +55,8 @@ def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
                     "append_ms": round(append_ms, 1),
                     "positions_used": tel.positions_used,
                     "prefill_tokens": tel.prefill_tokens,
+                    "moves": tel.moves,
+                    "swap_rate": round(tel.swap_rate, 3),
                     "latency_ms": tel.latency_ms,
                     "rss_mb": round(_rss_mb(), 1),
                     "per_level": tel.entries_per_level,
@@ -92,13 +94,14 @@ def bench_scaling_main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{'history':>9} {'append':>7} {'score':>6} {'alloc':>6} {'prefill':>8} "
-        f"{'(tok)':>6} {'decode':>7} {'used':>5} {'rss MB':>7}   (ms)"
+        f"{'(tok)':>6} {'decode':>7} {'used':>5} {'moves':>6} {'swap':>5} {'rss MB':>7}   (ms)"
     )
     for r in result["rows"]:
         lat = r["latency_ms"]
         print(
             f"{r['history_tokens']:>9} {r['append_ms']:>7.0f} {lat['score']:>6.0f} "
             f"{lat['allocate']:>6.0f} {lat['prefill']:>8.0f} {r['prefill_tokens']:>6} "
-            f"{lat['decode']:>7.0f} {r['positions_used']:>5} {r['rss_mb']:>7.0f}"
+            f"{lat['decode']:>7.0f} {r['positions_used']:>5} {r['moves']:>6} "
+            f"{r['swap_rate']:>5.2f} {r['rss_mb']:>7.0f}"
         )
     return 0
