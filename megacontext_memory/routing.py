@@ -386,3 +386,16 @@ def get_router(engine: MegaContextEngine, name: str, id_prefix: str) -> Router:
         if key not in _ROUTERS:
             _ROUTERS[key] = Router(engine, name, id_prefix)
         return _ROUTERS[key]
+
+
+def router_for(settings, name: str, id_prefix: str) -> Router:
+    """The shared router of an adapter whose fields name its engine (`store`,
+    `working_budget`, `model`, `device`, `engine_kwargs`); the engine loads on first use."""
+    engine = get_engine(
+        settings.store,
+        settings.working_budget,
+        settings.model,
+        settings.device,
+        settings.engine_kwargs,
+    )
+    return get_router(engine, name, id_prefix)

@@ -27,9 +27,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field
 
-from megacontext_memory.routing import ORIGIN, Item, Router, get_engine, get_router
+from megacontext_memory.routing import ORIGIN, Item, Router, router_for
 
 from . import _guide
 
@@ -146,10 +146,6 @@ class ChatMegaContext(BaseChatModel):
     system_refresh_tokens: int | None = None
     """Re-ingest a system prompt (or tool list) once it is this many tokens back; None: once."""
 
-    _engine: Any = PrivateAttr(default=None)
-    _router: Router | None = PrivateAttr(default=None)
-    _lock: Any = PrivateAttr(default_factory=threading.Lock)
-
     # ---- langchain plumbing -------------------------------------------------------------
     @property
     def _llm_type(self) -> str:
@@ -184,20 +180,13 @@ class ChatMegaContext(BaseChatModel):
         return params
 
     @property
-    def engine(self):
-        """The MegaContextEngine (loaded on first use, shared per store in a process)."""
-        with self._lock:
-            if self._engine is None:
-                self._engine = get_engine(
-                    self.store, self.working_budget, self.model, self.device, self.engine_kwargs
-                )
-                self._router = get_router(self._engine, ROUTER_NAME, ID_PREFIX)
-            return self._engine
+    def router(self) -> Router:
+        """This adapter's router (engine loaded on first use, shared per store in a process)."""
+        return router_for(self, ROUTER_NAME, ID_PREFIX)
 
     @property
-    def router(self) -> Router:
-        _ = self.engine
-        return self._router
+    def engine(self):
+        return self.router.engine
 
     def _session_from_config(self) -> str | None:
         """`configurable[config_session_key]` of the running config (RunnableWithMessageHistory

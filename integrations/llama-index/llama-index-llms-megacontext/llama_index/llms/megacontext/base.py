@@ -18,11 +18,11 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from megacontext_memory.routing import ORIGIN, Item, Router, get_engine, get_router
+from megacontext_memory.routing import ORIGIN, Item, Router, router_for
 
 ROUTER_NAME, ID_PREFIX = "llamaindex", "li-"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -90,10 +90,6 @@ class MegaContextLLM(CustomLLM):
     seed: int | None = Field(default=None)
     system_refresh_tokens: int | None = Field(default=None)
 
-    _engine: Any = PrivateAttr(default=None)
-    _router: Router | None = PrivateAttr(default=None)
-    _lock: Any = PrivateAttr(default_factory=threading.Lock)
-
     @classmethod
     def class_name(cls) -> str:
         return "MegaContextLLM"
@@ -113,19 +109,13 @@ class MegaContextLLM(CustomLLM):
         )
 
     @property
-    def engine(self):
-        with self._lock:
-            if self._engine is None:
-                self._engine = get_engine(
-                    self.store, self.working_budget, self.model, self.device, self.engine_kwargs
-                )
-                self._router = get_router(self._engine, ROUTER_NAME, ID_PREFIX)
-            return self._engine
+    def router(self) -> Router:
+        """This adapter's router (engine loaded on first use, shared per store in a process)."""
+        return router_for(self, ROUTER_NAME, ID_PREFIX)
 
     @property
-    def router(self) -> Router:
-        _ = self.engine
-        return self._router
+    def engine(self):
+        return self.router.engine
 
     # ---- the turn -------------------------------------------------------------------------
     def _turn(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[tuple[str, Any]]:

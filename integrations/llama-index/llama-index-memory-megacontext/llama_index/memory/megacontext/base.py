@@ -7,16 +7,15 @@ import os
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.memory.types import BaseMemory
 from llama_index.llms.megacontext.base import ID_PREFIX, ROUTER_NAME, from_engine, to_item
 
 from megacontext_memory.routing import (
     ORIGIN,
     Router,
-    get_engine,
-    get_router,
     merged_messages,
+    router_for,
 )
 
 HIDDEN = ("prompt-system", "tools")  # system prompts an LLM ingested from its prompt
@@ -52,9 +51,6 @@ class MegaContextMemory(BaseMemory):
         "ingests what is new).",
     )
 
-    _engine: Any = PrivateAttr(default=None)
-    _router: Router | None = PrivateAttr(default=None)
-
     @classmethod
     def class_name(cls) -> str:
         return "MegaContextMemory"
@@ -82,18 +78,13 @@ class MegaContextMemory(BaseMemory):
         return memory
 
     @property
-    def engine(self):
-        if self._engine is None:
-            self._engine = get_engine(
-                self.store, self.working_budget, self.model, self.device, self.engine_kwargs
-            )
-            self._router = get_router(self._engine, ROUTER_NAME, ID_PREFIX)
-        return self._engine
+    def router(self) -> Router:
+        """This adapter's router (engine loaded on first use, shared per store in a process)."""
+        return router_for(self, ROUTER_NAME, ID_PREFIX)
 
     @property
-    def router(self) -> Router:
-        _ = self.engine
-        return self._router
+    def engine(self):
+        return self.router.engine
 
     # ---- reads --------------------------------------------------------------------------
     def get_all(self) -> list[ChatMessage]:
