@@ -1,4 +1,4 @@
-"""Per-turn cost as the history grows: latency split, prefill size and RSS.
+"""Per-turn cost as the history grows: latency split, prefill size and memory.
 
 A turn = one user message appended + a reply of `--reply` tokens. The working context is
 capped at the budget, so everything but the disk-side append should stay flat.
@@ -11,17 +11,33 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import resource
 import tempfile
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
 from ..demo import dialogue_turns
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _memory_mb() -> dict[str, float]:
+    """Resident memory now, split into heap (anon) and mapped files (the store's payload
+    files, the model), and the process's peak. The peak alone would show the bulk build of
+    the history, not what a turn holds."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:  # not Linux: only the peak is known
+        return {"peak": round(peak, 1)}
+
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    def mb(name: str) -> float:
+        return round(int(fields[name].split()[0]) / 1024, 1)
+
+    return {"rss": mb("VmRSS"), "anon": mb("RssAnon"), "file": mb("RssFile"), "peak": mb("VmHWM")}
 
 
 def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
@@ -58,7 +74,7 @@ def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
                     "moves": tel.moves,
                     "swap_rate": round(tel.swap_rate, 3),
                     "latency_ms": tel.latency_ms,
-                    "rss_mb": round(_rss_mb(), 1),
+                    "memory_mb": _memory_mb(),
                     "per_level": tel.entries_per_level,
                 }
             )
@@ -94,14 +110,17 @@ def bench_scaling_main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{'history':>9} {'append':>7} {'score':>6} {'alloc':>6} {'prefill':>8} "
-        f"{'(tok)':>6} {'decode':>7} {'used':>5} {'moves':>6} {'swap':>5} {'rss MB':>7}   (ms)"
+        f"{'(tok)':>6} {'decode':>7} {'used':>5} {'moves':>6} {'swap':>5} {'rss':>6} {'anon':>6} {'peak':>6}"
+        "   (ms; MB)"
     )
+    nan = math.nan
     for r in result["rows"]:
-        lat = r["latency_ms"]
+        lat, mem = r["latency_ms"], r["memory_mb"]
         print(
             f"{r['history_tokens']:>9} {r['append_ms']:>7.0f} {lat['score']:>6.0f} "
             f"{lat['allocate']:>6.0f} {lat['prefill']:>8.0f} {r['prefill_tokens']:>6} "
             f"{lat['decode']:>7.0f} {r['positions_used']:>5} {r['moves']:>6} "
-            f"{r['swap_rate']:>5.2f} {r['rss_mb']:>7.0f}"
+            f"{r['swap_rate']:>5.2f} {mem.get('rss', nan):>6.0f} {mem.get('anon', nan):>6.0f} "
+            f"{mem['peak']:>6.0f}"
         )
     return 0
