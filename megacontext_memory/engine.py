@@ -179,6 +179,7 @@ class Session:
                 self._fit(self.config.working_budget)
             k = self.config.block_size
             if message.token_end // k > message.token_start // k:  # a block completed
+                self.allocator.new_event()
                 self._refocus_round(self.config.working_budget, self._query_ids(), tel)
             return message
 
@@ -229,6 +230,7 @@ class Session:
         budget = self.config.working_budget if budget is None else budget
         query = self._query_ids() if query is None else query
         moves = 0
+        self.allocator.new_event()
         for _ in range(self.config.refocus_rounds):
             made = self._refocus_round(budget, query, tel or self._pending)
             moves += made

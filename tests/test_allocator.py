@@ -77,13 +77,21 @@ def test_cooldown_blocks_flipping_back():
     node = wc.entries[i]
     scores = np.full(len(wc.entries), -0.5)
     scores[i] = 2.0
+    alloc.new_event()
     alloc.refocus(wc, tree, scores, cfg.working_budget)
     j = next(j for j, e in enumerate(wc.entries) if e.level == 0 and e.start == node.start)
     scores = np.full(len(wc.entries), 0.0)
     scores[j] = -5.0  # now the opened block looks worthless: it must not close at once
-    for _ in range(cfg.cooldown):
+    for _ in range(3):  # rounds of the same event: the block stays open
         alloc.refocus(wc, tree, scores, cfg.working_budget - 40)
         assert any(e.level == 0 and e.start == node.start for e in wc.entries)
+    for _ in range(cfg.cooldown):
+        alloc.new_event()
+        alloc.refocus(wc, tree, scores, cfg.working_budget - 40)
+        assert any(e.level == 0 and e.start == node.start for e in wc.entries)
+    alloc.new_event()
+    alloc.refocus(wc, tree, scores, cfg.working_budget - 40)
+    assert not any(e.level == 0 and e.start == node.start for e in wc.entries)
 
 
 def test_over_budget_with_nothing_collapsible_is_a_clear_error():

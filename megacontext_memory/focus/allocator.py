@@ -3,8 +3,10 @@
 Expanding a gist replaces it with its 32 children (+31 positions); collapsing 32 siblings
 (or one raw block) replaces them with their parent (-31). Moves never touch the tree.
 Ingest calls `fit` (collapse the lowest-scored, then oldest, until the budget holds);
-each refocus makes at most `max_moves` moves, swapping detail from low-scored spans to
-high-scored ones, with a cooldown so a node does not flip back and forth.
+each refocus round makes at most `max_moves` moves, swapping detail from low-scored spans to
+high-scored ones. A cooldown counts refocus events (before each reply), not the rounds
+inside one, so a node moved in this event cannot move back before the next one: without
+that, rounds of one event undo each other and every turn re-prefills the whole context.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class _Collapse:
 class FocusAllocator:
     def __init__(self, config: Config):
         self.config = config
-        self.tick = 0
+        self.tick = 0  # refocus events so far
         self.moved_at: dict[tuple[int, int], int] = {}
         self.pinned = 0  # tokens [0, pinned) stay raw: the leading system message
 
@@ -86,6 +88,10 @@ class FocusAllocator:
             and not self._cooling(e.level, e.index)
         ]
         return sorted(idx, key=lambda i: -scores[i])
+
+    def new_event(self) -> None:
+        """A refocus event begins (its rounds share one tick of the cooldown)."""
+        self.tick += 1
 
     # ---- moves ------------------------------------------------------------------------
     def _expand(self, wc: WorkingContext, i: int, scores: list[float], n_tok: int) -> Move:
@@ -137,13 +143,12 @@ class FocusAllocator:
         return None
 
     def refocus(self, wc: WorkingContext, tree: MegaContextTree, scores, budget: int) -> list[Move]:
-        """One refocus: up to `max_moves` moves, alternating best expand / best collapse.
+        """One refocus round: up to `max_moves` moves, alternating best expand / best collapse.
 
         An expansion that does not fit first collapses the lowest-scored spans, but only
         while the trade is worth it (score gap > tau_expand + tau_collapse). A collapse on
         its own needs a score below -tau_collapse: that span asked to be shown with less.
         """
-        self.tick += 1
         s = [float(x) for x in scores]
         moves = self._fit(wc, tree, budget, s)
         gain = self.config.tau_expand + self.config.tau_collapse
