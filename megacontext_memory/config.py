@@ -26,7 +26,7 @@ class Config:
     tau_expand: float = 0.2
     tau_collapse: float = 0.2
     max_moves: int = 4  # N_diff: expand/collapse moves per refocus
-    cooldown: int = 2  # refocus events (replies) before a moved block may move back
+    cooldown: int = 2  # refocus events (replies, completed blocks) before a block moves back
     refocus_rounds: int = 8  # refocus passes before each reply (lets focus descend levels)
     recency_tokens: int = 256  # heuristic scorer: how fast the pull of recent tokens fades
     gist_checkpoint: str | None = "default"  # "default": the shipped checkpoint; None: untrained

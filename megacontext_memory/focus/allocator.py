@@ -4,9 +4,10 @@ Expanding a gist replaces it with its 32 children (+31 positions); collapsing 32
 (or one raw block) replaces them with their parent (-31). Moves never touch the tree.
 Ingest calls `fit` (collapse the lowest-scored, then oldest, until the budget holds);
 each refocus round makes at most `max_moves` moves, swapping detail from low-scored spans to
-high-scored ones. A cooldown counts refocus events (before each reply), not the rounds
-inside one, so a node moved in this event cannot move back before the next one: without
-that, rounds of one event undo each other and every turn re-prefills the whole context.
+high-scored ones. A cooldown counts refocus events (one before each reply, one per message
+that completes a block), not the rounds inside one, so a node moved in an event stays put
+for the rest of it: otherwise rounds of one event undo each other and every turn
+re-prefills the whole context.
 """
 
 from __future__ import annotations
