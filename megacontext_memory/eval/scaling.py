@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,11 +27,11 @@ def _memory_mb() -> dict[str, float]:
     """Resident memory now, split into heap (anon) and mapped files (the store's payload
     files, the model), and the process's peak. The peak alone would show the bulk build of
     the history, not what a turn holds."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
         text = Path("/proc/self/status").read_text()
-    except OSError:  # not Linux: only the peak is known
-        return {"peak": round(peak, 1)}
+    except OSError:  # not Linux: only the peak is known (ru_maxrss: bytes on macOS, else KiB)
+        unit = 1024 * 1024 if sys.platform == "darwin" else 1024
+        return {"peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)}
 
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
