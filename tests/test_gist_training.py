@@ -118,6 +118,35 @@ def test_train_loop_saves_and_resumes(gist_base, tmp_path):
     assert meta["training"]["L1"]["steps"] == 3 and meta["hidden"] == 96
 
 
+def test_a_grown_net_computes_the_same_and_keeps_its_depth(gist_base, tmp_path):
+    """Deepening a trained net (train-gist --init ... --depth N) must not undo its training."""
+    stack = _stack(gist_base)
+    save_gist_stack(stack, tmp_path / "shallow", base_meta(gist_base, "compact"))
+    x = torch.randn(2, 32, gist_base.width) * gist_base.embed_rms
+    with torch.no_grad():
+        before = stack(x, 1)
+        for net in stack.levels:
+            net.grow(3)
+        assert torch.allclose(stack(x, 1), before, atol=1e-6)
+    with pytest.raises(ValueError, match="shrink"):
+        stack.levels[0].grow(2)
+    cfg = TrainConfig(
+        out=str(tmp_path / "run"),
+        init=str(tmp_path / "shallow"),
+        depth=2,
+        steps=1,
+        batch=1,
+        horizon=4,
+        prefixes="4",
+        multi_prob=0.0,
+        eval_every=0,
+        precision="fp32",
+    )
+    train(cfg, base=gist_base, progress=False)
+    grown, meta = load_gist_stack(tmp_path / "run" / "gistnet", gist_base, "compact")
+    assert meta["depth"] == 2 and all(net.depth == 2 for net in grown.levels)
+
+
 def test_checkpoint_for_another_base_model_is_refused(gist_base, tmp_path):
     stack = _stack(gist_base)
     meta = base_meta(gist_base, "compact")

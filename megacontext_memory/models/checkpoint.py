@@ -32,7 +32,11 @@ def save_gist_stack(stack: GistStack, path: str | Path, meta: dict) -> Path:
     tmp.replace(weights)
     net = stack.levels[0]
     meta = dict(
-        meta, hidden=net.hidden, heads=net.encode.attn.num_heads, version=file_version(weights)
+        meta,
+        hidden=net.hidden,
+        heads=net.encode.attn.num_heads,
+        depth=net.depth,
+        version=file_version(weights),
     )
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return weights
@@ -66,7 +70,11 @@ def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[G
             f"GistNet checkpoint {path} was made for another base model ({detail})"
         )
     stack = GistStack(
-        base.width, hidden=meta["hidden"], heads=meta.get("heads", 6), embed_rms=base.embed_rms
+        base.width,
+        hidden=meta["hidden"],
+        heads=meta.get("heads", 6),
+        embed_rms=base.embed_rms,
+        depth=meta.get("depth", 1),
     )
     stack.load_state_dict(load_file(weights))
     return stack.eval().requires_grad_(False), meta

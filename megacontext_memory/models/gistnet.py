@@ -1,7 +1,7 @@
 """GistNet: 32 vectors in the LLM's input space -> 1 vector in the same space.
 
     x[32, d] -> down-project to h, + in-block position
-             -> self-attention over the block (bidirectional)
+             -> `depth` layers of self-attention over the block (bidirectional)
              -> slot A cross-attends to the 32          (32 -> 1)
              -> slot A is broadcast back, the 32 are refined
              -> slot B cross-attends to the refined 32  (32 -> 1)
@@ -15,6 +15,10 @@ then adds what the rest of the span contributes.
 
 One GistNet per level: L1 reads token embeddings, L2 reads L1 gists; levels above 2 reuse
 the L2 network (gists of gists look alike from there on).
+
+`grow` deepens a trained net without changing what it computes: the new self-attention
+layers start as the identity (their output projections are zero), so training resumes
+from the trained net's quality with more capacity to spend.
 """
 
 from __future__ import annotations
@@ -46,12 +50,22 @@ class _Block(nn.Module):
 class GistNet(nn.Module):
     """Compress [..., 32, d] -> [..., d]."""
 
-    def __init__(self, width: int, hidden: int = 384, heads: int = 6, embed_rms: float = 1.0):
+    def __init__(
+        self,
+        width: int,
+        hidden: int = 384,
+        heads: int = 6,
+        embed_rms: float = 1.0,
+        depth: int = 1,
+    ):
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"GistNet depth must be at least 1, got {depth}")
         self.width, self.hidden = width, hidden
         self.down = nn.Linear(width, hidden)
         self.pos = nn.Parameter(torch.randn(BLOCK_SIZE, hidden) * 0.02)
         self.encode = _Block(hidden, heads)
+        self.encode_more = nn.ModuleList(_Block(hidden, heads) for _ in range(depth - 1))
         self.slot_a = nn.Parameter(torch.randn(1, hidden) * 0.02)
         self.pool_a = _Block(hidden, heads)
         self.refine = _Block(hidden, heads)
@@ -73,6 +87,8 @@ class GistNet(nn.Module):
         x = x.reshape(-1, BLOCK_SIZE, self.width).to(self.down.weight.dtype)
         h = self.down(x * self.input_scale) + self.pos
         h = self.encode(h)
+        for block in self.encode_more:
+            h = block(h)
         a = self.pool_a(self.slot_a.expand(h.shape[0], 1, -1), context=h)
         h = self.refine(h + a)
         b = self.pool_b(self.slot_b.expand(h.shape[0], 1, -1) + a, context=h)
@@ -80,13 +96,38 @@ class GistNet(nn.Module):
         out = out * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + 1e-6) * self.log_scale.exp()
         return out.reshape(*lead, self.width)
 
+    @property
+    def depth(self) -> int:
+        return 1 + len(self.encode_more)
+
+    def grow(self, depth: int) -> None:
+        """Add identity-initialised self-attention layers until there are `depth`."""
+        if depth < self.depth:
+            raise ValueError(f"cannot shrink a depth-{self.depth} GistNet to {depth}")
+        ref = self.encode
+        while self.depth < depth:
+            block = _Block(self.hidden, ref.attn.num_heads).to(ref.norm_q.weight)
+            for layer in (block.attn.out_proj, block.ff[-1]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+            self.encode_more.append(block)
+
 
 class GistStack(nn.Module):
     """The per-level GistNets of one checkpoint: level 1 and level 2 (reused above 2)."""
 
-    def __init__(self, width: int, hidden: int = 384, heads: int = 6, embed_rms: float = 1.0):
+    def __init__(
+        self,
+        width: int,
+        hidden: int = 384,
+        heads: int = 6,
+        embed_rms: float = 1.0,
+        depth: int = 1,
+    ):
         super().__init__()
-        self.levels = nn.ModuleList([GistNet(width, hidden, heads, embed_rms) for _ in range(2)])
+        self.levels = nn.ModuleList(
+            [GistNet(width, hidden, heads, embed_rms, depth) for _ in range(2)]
+        )
 
     def net(self, level: int) -> GistNet:
         if level < 1:

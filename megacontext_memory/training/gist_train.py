@@ -60,6 +60,7 @@ class TrainConfig:
     multi_spans: str = "2,3"  # how many spans such a step gists
     hidden: int = 384
     heads: int = 6
+    depth: int = 1  # self-attention layers over the block; above --init's, the net is grown
     eval_every: int = 100
     eval_windows: int = 16  # per source, for the periodic held-out check
     save_every: int = 50
@@ -129,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hidden", type=int, default=d.hidden, help="GistNet hidden width")
     p.add_argument("--heads", type=int, default=d.heads, help="GistNet attention heads")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=d.depth,
+        help="GistNet self-attention layers; with --init, a deeper value adds layers that "
+        "start as the identity (both levels), so training resumes where --init left off",
+    )
     p.add_argument(
         "--eval-every",
         type=int,
@@ -261,13 +269,16 @@ class HeldoutProbe:
 def _new_stack(base, cfg: TrainConfig) -> tuple[GistStack, dict | None]:
     if cfg.init:
         stack, meta = load_gist_stack(cfg.init, base, obj.POSITION_CONVENTION)
+        for net in stack.levels:
+            net.grow(max(cfg.depth, net.depth))
         stack.requires_grad_(True)
         if cfg.level == 2 and not meta.get("l2_trained"):
             stack.levels[1].load_state_dict(stack.levels[0].state_dict())
         return stack, meta
     if cfg.level != 1:
         raise SystemExit("level 2 training needs --init with a trained level-1 checkpoint")
-    return GistStack(base.width, cfg.hidden, cfg.heads, embed_rms=base.embed_rms), None
+    stack = GistStack(base.width, cfg.hidden, cfg.heads, base.embed_rms, cfg.depth)
+    return stack, None
 
 
 def export(
@@ -424,7 +435,9 @@ def ship(src: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) 
     src, dest = Path(src), Path(dest)
     meta = json.loads(src.with_suffix(".json").read_text())
     tensors = load_file(src.with_suffix(".safetensors"))
-    stack = GistStack(meta["width"], hidden=meta["hidden"], heads=meta.get("heads", 6))
+    stack = GistStack(
+        meta["width"], meta["hidden"], meta.get("heads", 6), depth=meta.get("depth", 1)
+    )
     stack.load_state_dict(tensors)
     stack.to(dtype)
     meta.pop("version", None)
