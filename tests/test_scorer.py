@@ -36,3 +36,27 @@ def test_incremental_presence_equals_a_fresh_scan():
     # A new query starts over rather than reusing the old terms' presence.
     other = incremental._presence(tree, [1, 2])
     assert np.array_equal(other[0], HeuristicScorer()._presence(tree, [1, 2])[0])
+
+
+def test_a_token_common_at_a_span_width_is_no_evidence_for_spans_that_wide():
+    """A token in 3% of blocks is in most 1,024-token spans: it still marks a raw block as
+    relevant, but not an L2 gist; a token in one block marks the L2 gist holding it."""
+    from megacontext_memory.focus.working_context import Entry
+
+    k, n_blocks = 32, 2048
+    tokens = np.random.default_rng(1).integers(100, 5000, n_blocks * k)
+    common, rare = 1, 2
+    tokens[np.arange(0, n_blocks, 33) * k] = common  # ~3% of blocks
+    tokens[40 * k + 5] = rare  # block 40, inside L2 node 1
+    tree = TokenTree(tokens)
+    tree.n_tokens = len(tokens)
+    gists = [Entry.node(2, i, tree.n_tokens) for i in range(n_blocks // k - 1)]
+    raw = [Entry.node(0, b, tree.n_tokens) for b in range(n_blocks - k, n_blocks)]
+    wc = WorkingContext(gists + raw)
+    scorer = HeuristicScorer(neighbour_share=0.0)
+    only_common = scorer.relevance(wc, tree, [common])
+    assert not only_common[: len(gists)].any()  # every L2 span holds it by chance
+    block_with_common = len(gists) + [e.start // k % 33 for e in raw].index(0)
+    assert only_common[block_with_common] > 0
+    both = scorer.relevance(wc, tree, [common, rare])
+    assert both[1] > 0 and np.count_nonzero(both[: len(gists)]) == 1

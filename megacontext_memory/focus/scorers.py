@@ -3,6 +3,12 @@
 `HeuristicScorer` is the stand-in until LensNet is trained, and stays as an ablation:
 lexical relevance of each entry's span to the newest query (rare query tokens weigh more,
 IDF over the session's blocks) plus a recency bonus.
+
+A wide span holds many tokens by chance: a token found in 2% of blocks is in half of all
+1,024-token spans, so finding it there says nothing. A query token is evidence for an
+entry only while a span of that entry's width would hold it by chance at most
+`max_span_chance` of the time. Without this rule, a vague question over a long history
+finds "relevant" tokens in every wide gist and fills the budget with gists of gists.
 """
 
 from __future__ import annotations
@@ -29,15 +35,18 @@ class HeuristicScorer:
         relevance_weight: float = 2.0,
         bias: float = -0.5,
         max_doc_freq: float = 0.05,
+        max_span_chance: float = 0.5,
         neighbour_share: float = 0.6,
     ):
         self.neighbour_share = neighbour_share
         self.recency_scale, self.relevance_weight, self.bias = recency_scale, relevance_weight, bias
         self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
+        self.max_span_chance = max_span_chance
         self._cache: tuple | None = None
 
     def _presence(self, tree: MegaContextTree, query: list[int]):
-        """Prefix sums over blocks of each informative query token, and the tokens' weights.
+        """Prefix sums over blocks of each informative query token, the tokens' weights, and
+        the share of blocks that hold each token.
 
         Incremental: while the query stays the same, only blocks new since the last call
         (and the one that was still filling) are scanned, so each completed block costs
@@ -64,18 +73,20 @@ class HeuristicScorer:
         weight = np.log((nb + 1) / (df + 1))
         weight[(df == 0) | (df > max(1.0, self.max_doc_freq * nb))] = 0.0
         prefix = np.concatenate([np.zeros((len(terms), 1), np.int64), present.cumsum(1)], axis=1)
-        result = (prefix, weight)
+        result = (prefix, weight, df / max(nb, 1))
         self._cache = (key, n, present, result)
         return result
 
     def relevance(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
         """IDF-weighted share of the query's informative tokens found in each entry's span."""
-        prefix, weight = self._presence(tree, query)
+        prefix, weight, share = self._presence(tree, query)
         if weight.sum() <= 0:
             return np.zeros(len(wc.entries))
         b0 = np.array([e.start // K for e in wc.entries])
         b1 = np.array([-(-e.end // K) for e in wc.entries])
         found = (prefix[:, b1] - prefix[:, b0]) > 0  # [terms, entries]
+        by_chance = 1.0 - (1.0 - share[:, None]) ** (b1 - b0)[None, :]
+        found &= by_chance <= self.max_span_chance
         rel = (weight[:, None] * found).sum(0) / weight.sum()
         # Facts straddle block edges: a relevant entry lends part of its relevance to its
         # neighbours, so the blocks around a hit come into focus too.
