@@ -63,7 +63,7 @@ def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
             t0 = time.perf_counter()
             s.append("user", f"Tell me one more thing about that, please ({t}).")
             append_ms = (time.perf_counter() - t0) * 1000
-            s.generate(max_new_tokens=reply)
+            text = s.generate(max_new_tokens=reply)
             tel = s.telemetry[-1]
             rows.append(
                 {
@@ -75,6 +75,8 @@ def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
                     "moves": tel.moves,
                     "swap_rate": round(tel.swap_rate, 3),
                     "latency_ms": tel.latency_ms,
+                    # An empty reply is a failure this table should show, not a fast turn.
+                    "reply_tokens": len(engine.base.encode(text)) if text.strip() else 0,
                     "memory_mb": _memory_mb(),
                     "per_level": tel.entries_per_level,
                 }
@@ -111,7 +113,7 @@ def bench_scaling_main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{'history':>9} {'append':>7} {'score':>6} {'alloc':>6} {'prefill':>8} "
-        f"{'(tok)':>6} {'decode':>7} {'used':>5} {'moves':>6} {'swap':>5} {'rss':>6} {'anon':>6} {'peak':>6}"
+        f"{'(tok)':>6} {'decode':>7} {'reply':>5} {'used':>5} {'moves':>6} {'swap':>5} {'rss':>6} {'anon':>6} {'peak':>6}"
         "   (ms; MB)"
     )
     nan = math.nan
@@ -120,7 +122,7 @@ def bench_scaling_main(argv: list[str] | None = None) -> int:
         print(
             f"{r['history_tokens']:>9} {r['append_ms']:>7.0f} {lat['score']:>6.0f} "
             f"{lat['allocate']:>6.0f} {lat['prefill']:>8.0f} {r['prefill_tokens']:>6} "
-            f"{lat['decode']:>7.0f} {r['positions_used']:>5} {r['moves']:>6} "
+            f"{lat['decode']:>7.0f} {r['reply_tokens']:>5} {r['positions_used']:>5} {r['moves']:>6} "
             f"{r['swap_rate']:>5.2f} {mem.get('rss', nan):>6.0f} {mem.get('anon', nan):>6.0f} "
             f"{mem['peak']:>6.0f}"
         )
