@@ -95,20 +95,22 @@ def test_level2_trains_over_frozen_level1_with_several_spans(gist_base):
     assert all(p.grad is None for p in stack.net(1).parameters())
 
 
-def test_train_loop_saves_and_resumes(gist_base, tmp_path):
-    cfg = TrainConfig(
-        out=str(tmp_path / "run"),
-        steps=2,
+def _tiny_run(out, **settings) -> TrainConfig:
+    """One-window steps with a 4-token prefix and horizon, no held-out probe."""
+    return TrainConfig(
+        out=str(out),
         batch=1,
         horizon=4,
         prefixes="4",
         multi_prob=0.0,
-        hidden=96,
-        heads=6,
         eval_every=0,
-        save_every=1,
         precision="fp32",
+        **settings,
     )
+
+
+def test_train_loop_saves_and_resumes(gist_base, tmp_path):
+    cfg = _tiny_run(tmp_path / "run", steps=2, hidden=96, heads=6, save_every=1)
     first = train(cfg, base=gist_base, progress=False)
     assert first["step"] == 2
     cfg.steps = 3
@@ -130,18 +132,7 @@ def test_a_grown_net_computes_the_same_and_keeps_its_depth(gist_base, tmp_path):
         assert torch.allclose(stack(x, 1), before, atol=1e-6)
     with pytest.raises(ValueError, match="shrink"):
         stack.levels[0].grow(2)
-    cfg = TrainConfig(
-        out=str(tmp_path / "run"),
-        init=str(tmp_path / "shallow"),
-        depth=2,
-        steps=1,
-        batch=1,
-        horizon=4,
-        prefixes="4",
-        multi_prob=0.0,
-        eval_every=0,
-        precision="fp32",
-    )
+    cfg = _tiny_run(tmp_path / "run", init=str(tmp_path / "shallow"), depth=2, steps=1)
     train(cfg, base=gist_base, progress=False)
     grown, meta = load_gist_stack(tmp_path / "run" / "gistnet", gist_base, "compact")
     assert meta["depth"] == 2 and all(net.depth == 2 for net in grown.levels)
