@@ -38,12 +38,16 @@ def test_all_raw_working_context_reproduces_base_logits(engine_factory):
     base = engine.base
     embeds = s.working_context().embeddings(s.tree, base)
     n = len(embeds)
+    positions = torch.arange(n)[None]
     with torch.no_grad():
-        ours, _ = base.forward(embeds[None], torch.arange(n)[None])
+        every = base.model(inputs_embeds=embeds[None], position_ids=positions).logits
+        last, _ = base.forward(embeds[None], positions)  # what a reply starts from
         ids = torch.as_tensor(s.tree.tokens())[None]
         ref = base.model(input_ids=ids).logits
     assert n == s.token_count()
-    assert (ours - ref).abs().max().item() <= 1e-4
+    assert (every - ref).abs().max().item() <= 1e-4
+    assert last.shape == (1, 1, ref.shape[-1])
+    assert (last[0, -1] - ref[0, -1]).abs().max().item() <= 1e-4
 
 
 def test_generate_appends_reply_and_reuses_the_kv_prefix(engine_factory):

@@ -163,12 +163,15 @@ class BaseModel:
         position_ids: torch.Tensor,
         cache: DynamicCache | None = None,
     ) -> tuple[torch.Tensor, DynamicCache]:
-        """Logits [B, T, V] for embeddings [B, T, d] at explicit positions; extends `cache`."""
+        """Logits [B, 1, V] of the last position for embeddings [B, T, d] at explicit
+        positions; extends `cache`. Only the last position predicts the next token: the LM
+        head over a whole 1,024-position prefill would cost 200 MB and a sixth of its time."""
         cache = cache if cache is not None else DynamicCache()
         out = self.model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             use_cache=True,
+            logits_to_keep=1,
             **{self.cache_kwarg: cache},
         )
         return out.logits, cache
