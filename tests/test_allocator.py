@@ -92,6 +92,9 @@ def test_cooldown_blocks_flipping_back():
     alloc.new_event()
     alloc.refocus(wc, tree, scores, cfg.working_budget - 40)
     assert not any(e.level == 0 and e.start == node.start for e in wc.entries)
+    for _ in range(cfg.cooldown + 1):  # events with no moves: every cooldown runs out
+        alloc.new_event()
+    assert alloc.moved_at == {}
 
 
 def test_over_budget_with_nothing_collapsible_is_a_clear_error():

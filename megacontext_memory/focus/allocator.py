@@ -91,8 +91,12 @@ class FocusAllocator:
         return sorted(idx, key=lambda i: -scores[i])
 
     def new_event(self) -> None:
-        """A refocus event begins (its rounds share one tick of the cooldown)."""
+        """A refocus event begins (its rounds share one tick of the cooldown). Nodes whose
+        cooldown is over are forgotten: the record stays as small as the recent moves
+        however long the session runs."""
         self.tick += 1
+        cooldown = self.config.cooldown
+        self.moved_at = {k: t for k, t in self.moved_at.items() if self.tick - t <= cooldown}
 
     # ---- moves ------------------------------------------------------------------------
     def _expand(self, wc: WorkingContext, i: int, scores: list[float], n_tok: int) -> Move:
