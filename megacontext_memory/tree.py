@@ -33,10 +33,11 @@ class Gister:
         for i in range(0, len(children), self.batch):
             chunk = children[i : i + self.batch]
             if level == 1:
-                x = self.base.embed(torch.as_tensor(chunk.astype(np.int64)))
+                g = self.stack.from_tokens(self.base, torch.as_tensor(chunk.astype(np.int64)))
             else:
                 x = torch.as_tensor(np.asarray(chunk, np.float32), device=self.base.device)
-            out.append(self.stack(x, level).float().cpu().numpy().astype(self.np_dtype))
+                g = self.stack(x, level)
+            out.append(g.float().cpu().numpy().astype(self.np_dtype))
         return np.concatenate(out) if out else np.zeros((0, self.base.width), self.np_dtype)
 
 

@@ -138,6 +138,42 @@ def test_a_grown_net_computes_the_same_and_keeps_its_depth(gist_base, tmp_path):
     assert meta["depth"] == 2 and all(net.depth == 2 for net in grown.levels)
 
 
+def test_block_states_are_the_models_own_hidden_states(gist_base):
+    ids = torch.randint(0, 1000, (2, 3, 32))
+    every = gist_base.model.model.config.num_hidden_layers
+    full = gist_base.model.model(input_ids=ids.reshape(6, 32)).last_hidden_state
+    assert torch.allclose(gist_base.block_states(ids, every).reshape(6, 32, -1), full)
+    shallow = gist_base.block_states(ids, 3)
+    assert shallow.shape == (2, 3, 32, gist_base.width)
+    assert not torch.allclose(shallow.reshape(6, 32, -1), full, atol=1e-2)
+    # the short trunk shares the weights but leaves the model whole
+    assert len(gist_base.model.model.layers) == every
+    assert torch.allclose(
+        gist_base.model.model(input_ids=ids.reshape(6, 32)).last_hidden_state, full
+    )
+    with pytest.raises(ValueError, match="layers must be in"):
+        gist_base.block_states(ids, every + 1)
+
+
+def test_a_net_given_features_computes_the_same_and_keeps_them(gist_base, tmp_path):
+    """train-gist --init ... --feature-layers N must resume from the loaded net's quality."""
+    stack = _stack(gist_base)
+    save_gist_stack(stack, tmp_path / "plain", base_meta(gist_base, "compact"))
+    ids = torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        before = stack.from_tokens(gist_base, ids)
+        stack.read_features(4)
+        assert torch.allclose(stack.from_tokens(gist_base, ids), before, atol=1e-6)
+    with pytest.raises(ValueError, match="reads hidden-state features"):
+        stack(gist_base.embed(ids), 1)
+    cfg = _tiny_run(tmp_path / "run", init=str(tmp_path / "plain"), feature_layers=4, steps=2)
+    train(cfg, base=gist_base, progress=False)
+    trained, meta = load_gist_stack(tmp_path / "run" / "gistnet", gist_base, "compact")
+    assert meta["feature_layers"] == 4 and trained.feature_layers == 4
+    assert trained.levels[0].feature_in.weight.abs().sum() > 0  # it learned to use them
+    assert trained.levels[1].feature_in is None  # level 2 reads level-1 gists only
+
+
 def test_checkpoint_for_another_base_model_is_refused(gist_base, tmp_path):
     stack = _stack(gist_base)
     meta = base_meta(gist_base, "compact")
@@ -187,5 +223,5 @@ def test_student_with_raw_span_matches_teacher(gist_base):
 def test_shipped_checkpoint_loads_for_the_default_model(gist_base):
     stack, meta = load_gist_stack(SHIPPED, gist_base, "compact")
     assert meta["base_model"] == gist_base.name and meta.get("metrics")
-    g = stack(torch.randn(2, 32, gist_base.width) * gist_base.embed_rms, 1)
+    g = stack.from_tokens(gist_base, torch.randint(0, 1000, (2, 32)))
     assert g.shape == (2, gist_base.width) and torch.isfinite(g).all()

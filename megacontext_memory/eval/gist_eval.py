@@ -67,7 +67,7 @@ def window_nlls(base, stack, ids: torch.Tensor, level: int, prefix: int, horizon
     gist = make_gists(base, stack, spans, level)
     out["gist"] = obj.nll(obj.student_logprobs(base, cache, prefix, gist, hor), tgt)
     if level == 2:
-        l1 = stack(base.embed(spans.reshape(ids.shape[0], -1, 32)), 1)  # [B, 32, d]
+        l1 = stack.from_tokens(base, spans.reshape(ids.shape[0], -1, 32))  # [B, 32, d]
         out["l1_gists"] = obj.nll(obj.student_logprobs(base, cache, prefix, l1, hor), tgt)
     return out
 

@@ -8,6 +8,7 @@ path works too. The model is never trained: every parameter has requires_grad=Fa
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import inspect
@@ -96,6 +97,7 @@ class BaseModel:
         params = inspect.signature(self.model.forward).parameters
         # Newer transformers call the KV-cache argument `cache`, older ones `past_key_values`.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._trunks: dict[int, torch.nn.Module] = {}
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None) -> BaseModel:
@@ -156,6 +158,30 @@ class BaseModel:
         """Token embeddings [..., d] for ids (list or LongTensor)."""
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return self.model.get_input_embeddings()(ids)
+
+    @torch.no_grad()
+    def block_states(self, ids: torch.Tensor, layers: int) -> torch.Tensor:
+        """What the model makes of token blocks on their own: the RMS-normalised hidden
+        states [..., T, d] after its first `layers` layers, each block [..., T] read alone at
+        positions 0..T-1. GistNet reads these beside the embeddings: they carry what the
+        model understood of the block, which a small encoder cannot work out from the
+        embeddings alone."""
+        trunk = self._trunks.get(layers)
+        if trunk is None:
+            full = self.model.model
+            if not 1 <= layers <= len(full.layers):
+                raise ValueError(f"layers must be in [1, {len(full.layers)}], got {layers}")
+            trunk = copy.copy(full)  # shares every weight; only the layer list is shorter
+            trunk._modules = dict(full._modules)
+            trunk.layers = torch.nn.ModuleList(list(full.layers)[:layers])
+            trunk.config = copy.copy(full.config)
+            trunk.config.num_hidden_layers = layers
+            self._trunks[layers] = trunk
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        flat = ids.reshape(-1, ids.shape[-1])
+        pos = torch.arange(flat.shape[1], device=self.device).expand_as(flat)
+        out = trunk(input_ids=flat, position_ids=pos, use_cache=False).last_hidden_state
+        return out.reshape(*ids.shape, self.width)
 
     def forward(
         self,

@@ -36,6 +36,7 @@ def save_gist_stack(stack: GistStack, path: str | Path, meta: dict) -> Path:
         hidden=net.hidden,
         heads=net.encode.attn.num_heads,
         depth=net.depth,
+        feature_layers=stack.feature_layers,
         version=file_version(weights),
     )
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -75,6 +76,7 @@ def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[G
         heads=meta.get("heads", 6),
         embed_rms=base.embed_rms,
         depth=meta.get("depth", 1),
+        feature_layers=meta.get("feature_layers", 0),
     )
     stack.load_state_dict(load_file(weights))
     return stack.eval().requires_grad_(False), meta

@@ -57,6 +57,7 @@ class GistNet(nn.Module):
         heads: int = 6,
         embed_rms: float = 1.0,
         depth: int = 1,
+        features: bool = False,
     ):
         super().__init__()
         if depth < 1:
@@ -77,15 +78,39 @@ class GistNet(nn.Module):
         # Output is RMS-normalised then scaled: starts at the size of real token embeddings.
         self.log_scale = nn.Parameter(torch.tensor(float(embed_rms)).log())
         self.input_scale = 1.0 / max(embed_rms, 1e-6)
+        self.feature_norm: nn.LayerNorm | None = None
+        self.feature_in: nn.Linear | None = None
+        if features:
+            self.read_features()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def read_features(self) -> None:
+        """Add an input for the reader's own hidden states of the block. It starts at zero,
+        so a trained net computes the same until training teaches it to use them."""
+        if self.feature_in is not None:
+            return
+        ref = self.down.weight
+        self.feature_norm = nn.LayerNorm(self.width).to(ref)
+        self.feature_in = nn.Linear(self.width, self.hidden).to(ref)
+        nn.init.zeros_(self.feature_in.weight)
+        nn.init.zeros_(self.feature_in.bias)
+
+    def forward(self, x: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-2:] != (BLOCK_SIZE, self.width):
             raise ValueError(
                 f"GistNet expects [..., {BLOCK_SIZE}, {self.width}], got {tuple(x.shape)}"
             )
+        if (features is None) != (self.feature_in is None):
+            raise ValueError(
+                "this GistNet reads hidden-state features"
+                if features is None
+                else "this GistNet takes no hidden-state features"
+            )
         lead = x.shape[:-2]
         x = x.reshape(-1, BLOCK_SIZE, self.width).to(self.down.weight.dtype)
         h = self.down(x * self.input_scale) + self.pos
+        if features is not None:
+            f = features.reshape(x.shape).to(x.dtype)
+            h = h + self.feature_in(self.feature_norm(f))
         h = self.encode(h)
         for block in self.encode_more:
             h = block(h)
@@ -114,7 +139,11 @@ class GistNet(nn.Module):
 
 
 class GistStack(nn.Module):
-    """The per-level GistNets of one checkpoint: level 1 and level 2 (reused above 2)."""
+    """The per-level GistNets of one checkpoint: level 1 and level 2 (reused above 2).
+
+    With `feature_layers` > 0 the level-1 net also reads the base model's hidden states
+    after that many layers (`BaseModel.block_states`); `from_tokens` supplies them.
+    """
 
     def __init__(
         self,
@@ -123,11 +152,30 @@ class GistStack(nn.Module):
         heads: int = 6,
         embed_rms: float = 1.0,
         depth: int = 1,
+        feature_layers: int = 0,
     ):
         super().__init__()
         self.levels = nn.ModuleList(
-            [GistNet(width, hidden, heads, embed_rms, depth) for _ in range(2)]
+            [
+                GistNet(
+                    width, hidden, heads, embed_rms, depth, features=lv == 1 and feature_layers > 0
+                )
+                for lv in (1, 2)
+            ]
         )
+        self.feature_layers = feature_layers
+
+    def read_features(self, layers: int) -> None:
+        """Let level 1 read hidden states after `layers` layers (see GistNet.read_features)."""
+        if layers < 1:
+            raise ValueError(f"feature layers must be at least 1, got {layers}")
+        self.levels[0].read_features()
+        self.feature_layers = layers
+
+    def from_tokens(self, base, ids: torch.Tensor) -> torch.Tensor:
+        """Level-1 gists [..., d] of token blocks [..., 32] (`base` a BaseModel)."""
+        features = base.block_states(ids, self.feature_layers) if self.feature_layers else None
+        return self.levels[0](base.embed(ids), features)
 
     def net(self, level: int) -> GistNet:
         if level < 1:

@@ -61,6 +61,7 @@ class TrainConfig:
     hidden: int = 384
     heads: int = 6
     depth: int = 1  # self-attention layers over the block; above --init's, the net is grown
+    feature_layers: int = 0  # L1 also reads the base model's states after this many layers
     eval_every: int = 100
     eval_windows: int = 16  # per source, for the periodic held-out check
     save_every: int = 50
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "start as the identity (both levels), so training resumes where --init left off",
     )
     p.add_argument(
+        "--feature-layers",
+        type=int,
+        default=d.feature_layers,
+        help="level 1 also reads the base model's hidden states of the block after this many "
+        "layers (0: embeddings only); with --init, the new input starts at zero",
+    )
+    p.add_argument(
         "--eval-every",
         type=int,
         default=d.eval_every,
@@ -200,12 +208,14 @@ def seed_everything(seed: int) -> None:
 def make_gists(base, stack: GistStack, spans: torch.Tensor, level: int) -> torch.Tensor:
     """Gists [B, n, d] of spans [B, n, 32**level] token ids; only `level`'s net has grad."""
     b, n, _ = spans.shape
-    x = base.embed(spans.reshape(b, n, -1, BLOCK_SIZE))  # [B, n, 32**(level-1), 32, d]
-    for lv in range(1, level):
-        with torch.no_grad():
-            x = stack(x, lv)  # [B, n, ..., d]
-        x = x.reshape(b, n, -1, BLOCK_SIZE, base.width) if lv < level - 1 else x
-    out = stack(x, level)
+    blocks = spans.reshape(b, n, -1, BLOCK_SIZE)  # [B, n, 32**(level-1), 32]
+    if level == 1:
+        return stack.from_tokens(base, blocks).reshape(b, n, base.width)
+    with torch.no_grad():
+        x = stack.from_tokens(base, blocks)  # [B, n, 32**(level-1), d]
+        for lv in range(2, level):
+            x = stack(x.reshape(b, n, -1, BLOCK_SIZE, base.width), lv)
+    out = stack(x.reshape(b, n, -1, BLOCK_SIZE, base.width), level)
     return out.reshape(b, n, base.width)
 
 
@@ -271,13 +281,22 @@ def _new_stack(base, cfg: TrainConfig) -> tuple[GistStack, dict | None]:
         stack, meta = load_gist_stack(cfg.init, base, obj.POSITION_CONVENTION)
         for net in stack.levels:
             net.grow(max(cfg.depth, net.depth))
+        if cfg.feature_layers and cfg.feature_layers != stack.feature_layers:
+            if stack.feature_layers:
+                raise SystemExit(
+                    f"{cfg.init} reads features after {stack.feature_layers} layers, "
+                    f"not {cfg.feature_layers}"
+                )
+            stack.read_features(cfg.feature_layers)
         stack.requires_grad_(True)
         if cfg.level == 2 and not meta.get("l2_trained"):
             stack.levels[1].load_state_dict(stack.levels[0].state_dict())
         return stack, meta
     if cfg.level != 1:
         raise SystemExit("level 2 training needs --init with a trained level-1 checkpoint")
-    stack = GistStack(base.width, cfg.hidden, cfg.heads, base.embed_rms, cfg.depth)
+    stack = GistStack(
+        base.width, cfg.hidden, cfg.heads, base.embed_rms, cfg.depth, cfg.feature_layers
+    )
     return stack, None
 
 
@@ -436,7 +455,11 @@ def ship(src: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) 
     meta = json.loads(src.with_suffix(".json").read_text())
     tensors = load_file(src.with_suffix(".safetensors"))
     stack = GistStack(
-        meta["width"], meta["hidden"], meta.get("heads", 6), depth=meta.get("depth", 1)
+        meta["width"],
+        meta["hidden"],
+        meta.get("heads", 6),
+        depth=meta.get("depth", 1),
+        feature_layers=meta.get("feature_layers", 0),
     )
     stack.load_state_dict(tensors)
     stack.to(dtype)
