@@ -1,6 +1,7 @@
 """GistNet: 32 vectors in the LLM's input space -> 1 vector in the same space.
 
     x[32, d] -> down-project to h, + in-block position
+                (+ the base model's own states of the block, projected, when it reads them)
              -> `depth` layers of self-attention over the block (bidirectional)
              -> slot A cross-attends to the 32          (32 -> 1)
              -> slot A is broadcast back, the 32 are refined
@@ -15,6 +16,12 @@ then adds what the rest of the span contributes.
 
 One GistNet per level: L1 reads token embeddings, L2 reads L1 gists; levels above 2 reuse
 the L2 network (gists of gists look alike from there on).
+
+The level-1 net may also read what the frozen base model makes of the block: its hidden
+states after its first few layers, the block read alone (`BaseModel.block_states`). They
+hold what the model understood of the words, which a small encoder cannot work out from
+embeddings alone. `read_features` adds that input at zero, so a trained net starts from
+where it was.
 
 `grow` deepens a trained net without changing what it computes: the new self-attention
 layers start as the identity (their output projections are zero), so training resumes
