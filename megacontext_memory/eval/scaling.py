@@ -50,12 +50,15 @@ def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
     rows = []
     for size in sorted(sizes):
         bar = tqdm(total=size, initial=s.token_count(), desc=f"history -> {size}", unit="tok")
+        built, t_build = s.token_count(), time.perf_counter()
         while s.token_count() < size:
             chunk = " ".join(next(lines) for _ in range(12))
             before = s.token_count()
             s.append("assistant" if s.token_count() % 2 else "user", chunk[:2000])
             bar.update(s.token_count() - before)
         bar.close()
+        # Ingest throughput of the bulk build (tokenise, gist every level, store durably).
+        build_rate = (s.token_count() - built) / max(time.perf_counter() - t_build, 1e-9)
         # A turn's telemetry counts every append since the previous turn: let an untimed
         # turn absorb the bulk build, so the timed turns show the cost of one turn alone.
         s.generate(max_new_tokens=1)
@@ -70,6 +73,7 @@ def run(sizes: list[int], budget: int, turns: int, reply: int) -> dict:
                     "history_tokens": s.token_count(),
                     "turn": t,
                     "append_ms": round(append_ms, 1),
+                    "build_tokens_per_s": round(build_rate),
                     "positions_used": tel.positions_used,
                     "prefill_tokens": tel.prefill_tokens,
                     "moves": tel.moves,
@@ -114,7 +118,7 @@ def bench_scaling_main(argv: list[str] | None = None) -> int:
     print(
         f"{'history':>9} {'append':>7} {'score':>6} {'alloc':>6} {'prefill':>8} "
         f"{'(tok)':>6} {'decode':>7} {'reply':>5} {'used':>5} {'moves':>6} {'swap':>5} {'rss':>6} {'anon':>6} {'peak':>6}"
-        "   (ms; MB)"
+        "   (ms; MB)  build (tok/s)"
     )
     nan = math.nan
     for r in result["rows"]:
@@ -124,6 +128,6 @@ def bench_scaling_main(argv: list[str] | None = None) -> int:
             f"{lat['allocate']:>6.0f} {lat['prefill']:>8.0f} {r['prefill_tokens']:>6} "
             f"{lat['decode']:>7.0f} {r['reply_tokens']:>5} {r['positions_used']:>5} {r['moves']:>6} "
             f"{r['swap_rate']:>5.2f} {mem.get('rss', nan):>6.0f} {mem.get('anon', nan):>6.0f} "
-            f"{mem['peak']:>6.0f}"
+            f"{mem['peak']:>6.0f}  {r['build_tokens_per_s']:>8}"
         )
     return 0
