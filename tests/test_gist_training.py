@@ -172,6 +172,9 @@ def test_a_net_given_features_computes_the_same_and_keeps_them(gist_base, tmp_pa
     assert meta["feature_layers"] == 4 and trained.feature_layers == 4
     assert trained.levels[0].feature_in.weight.abs().sum() > 0  # it learned to use them
     assert trained.levels[1].feature_in is None  # level 2 reads level-1 gists only
+    # level 2 starts as a copy of this level 1, without the hidden-state input
+    cfg2 = _tiny_run(tmp_path / "l2", init=str(tmp_path / "run" / "gistnet"), level=2, steps=1)
+    assert train(cfg2, base=gist_base, progress=False)["step"] == 1
 
 
 def test_checkpoint_for_another_base_model_is_refused(gist_base, tmp_path):

@@ -290,7 +290,11 @@ def _new_stack(base, cfg: TrainConfig) -> tuple[GistStack, dict | None]:
             stack.read_features(cfg.feature_layers)
         stack.requires_grad_(True)
         if cfg.level == 2 and not meta.get("l2_trained"):
-            stack.levels[1].load_state_dict(stack.levels[0].state_dict())
+            # L2 starts as a copy of L1, less the hidden-state input it has no use for.
+            l1 = stack.levels[0].state_dict()
+            stack.levels[1].load_state_dict(
+                {k: v for k, v in l1.items() if not k.startswith("feature_")}
+            )
         return stack, meta
     if cfg.level != 1:
         raise SystemExit("level 2 training needs --init with a trained level-1 checkpoint")
