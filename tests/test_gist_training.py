@@ -172,6 +172,14 @@ def test_a_net_given_features_computes_the_same_and_keeps_them(gist_base, tmp_pa
     assert meta["feature_layers"] == 4 and trained.feature_layers == 4
     assert trained.levels[0].feature_in.weight.abs().sum() > 0  # it learned to use them
     assert trained.levels[1].feature_in is None  # level 2 reads level-1 gists only
+    # the new input has its own learning rate: at scale 0 it stays at zero, the rest moves
+    init = str(tmp_path / "plain")
+    cfg0 = _tiny_run(tmp_path / "held", init=init, feature_layers=4, steps=1, feature_lr_scale=0.0)
+    train(cfg0, base=gist_base, progress=False)
+    held, _ = load_gist_stack(tmp_path / "held" / "gistnet", gist_base, "compact")
+    plain, _ = load_gist_stack(init, gist_base, "compact")
+    assert held.levels[0].feature_in.weight.abs().sum() == 0
+    assert not torch.equal(held.levels[0].down.weight, plain.levels[0].down.weight)
     # level 2 starts as a copy of this level 1, without the hidden-state input
     cfg2 = _tiny_run(tmp_path / "l2", init=str(tmp_path / "run" / "gistnet"), level=2, steps=1)
     assert train(cfg2, base=gist_base, progress=False)["step"] == 1

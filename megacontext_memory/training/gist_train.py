@@ -62,6 +62,7 @@ class TrainConfig:
     heads: int = 6
     depth: int = 1  # self-attention layers over the block; above --init's, the net is grown
     feature_layers: int = 0  # L1 also reads the base model's states after this many layers
+    feature_lr_scale: float = 1.0  # learning-rate multiplier for that input (it starts at zero)
     eval_every: int = 100
     eval_windows: int = 16  # per source, for the periodic held-out check
     save_every: int = 50
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.feature_layers,
         help="level 1 also reads the base model's hidden states of the block after this many "
         "layers (0: embeddings only); with --init, the new input starts at zero",
+    )
+    p.add_argument(
+        "--feature-lr-scale",
+        type=float,
+        default=d.feature_lr_scale,
+        help="learning-rate multiplier for level 1's hidden-state input: it starts at zero, "
+        "beside a trained net, so it may need larger steps to catch up",
     )
     p.add_argument(
         "--eval-every",
@@ -353,10 +361,16 @@ def train(cfg: TrainConfig, base: BaseModel | None = None, progress: bool = True
     seed_everything(cfg.seed)
     stack, init_meta = _new_stack(base, cfg)
     stack.to(device).train()
-    trainable = list(stack.net(cfg.level).parameters())
+    named = list(stack.net(cfg.level).named_parameters())
+    trainable = [p for _, p in named]
+    feature = [p for n, p in named if n.startswith("feature_")]
+    rest = [p for n, p in named if not n.startswith("feature_")]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if feature:
+        groups.append({"params": feature, "lr_scale": cfg.feature_lr_scale})
     for lv in range(1, 3):
         stack.net(lv).requires_grad_(lv == cfg.level)
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = data.WindowSampler(data.load_streams(base, "train"), seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 1])
     step = 0
@@ -413,7 +427,7 @@ def train(cfg: TrainConfig, base: BaseModel | None = None, progress: bool = True
         ids, _ = sampler.sample(spec, cfg.batch)
         ids = torch.as_tensor(ids, device=device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step) * group["lr_scale"]
         with autocast:
             loss = window_loss(base, stack, ids, n_prefix, n_spans, cfg)
         opt.zero_grad(set_to_none=True)
