@@ -213,6 +213,11 @@ def test_eval_is_deterministic_for_a_seed(gist_base):
         assert set(r["per_source"]) == set(data.SOURCES)
         assert set(r["nll"]) >= {"full", "drop", "mean", "gist"}
     assert a["n_windows"] == 2 * 3 + 1 * 3
+    # the horizon split covers tokens 0, 1, 2-3, 4-7 and adds up to the whole gap
+    ranges = a["L1"]["by_horizon"]
+    assert [b["tokens"] for b in ranges] == [[0, 0], [1, 1], [2, 3], [4, 7]]
+    gap = sum(b["gap"] * (b["tokens"][1] - b["tokens"][0] + 1) for b in ranges) / 8
+    assert gap == pytest.approx(a["L1"]["nll"]["drop"] - a["L1"]["nll"]["full"], abs=1e-5)
 
 
 def test_student_with_raw_span_matches_teacher(gist_base):

@@ -11,7 +11,9 @@ span) it measures the horizon NLL under the frozen LLM when the span is
 and, for L2 only, `l1_gists` (the 32 L1 gists the L2 gist is made from, for reference).
 Positions are 'compact' (each entry takes one position). The headline is the recovery
 ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full), over all windows and per source, with
-a 95% bootstrap interval over windows. Everything is fp32 and seeded: the same checkpoint,
+a 95% bootstrap interval over windows. `by_horizon` splits the recovery by distance into
+the horizon (token 0, 1, 2-3, 4-7, ...), which shows where the gist falls short: right
+after the span, where the next token hangs on its last words, or further on. Everything is fp32 and seeded: the same checkpoint,
 seed and settings give the same numbers.
 """
 
@@ -53,26 +55,56 @@ def bootstrap_ci(full, drop, other, n: int, seed: int) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def token_nll(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL [B, H] of each horizon token `targets` [B, H] under `lp` [B, H, V]."""
+    return -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
 def window_nlls(base, stack, ids: torch.Tensor, level: int, prefix: int, horizon: int) -> dict:
-    """Per-window horizon NLL [B] for every method, windows `ids` [B, L] with one span."""
+    """Per-token horizon NLL [B, H] for every method, windows `ids` [B, L] with one span."""
     span = 32**level
     tgt = obj.horizon_targets(ids, horizon)
     teacher, cache = obj.teacher_logprobs(base, ids, prefix, horizon)
     _, spans, hor = obj.split_window(ids, prefix, 1, span, horizon)
-    out = {"full": obj.nll(teacher, tgt)}
-    out["drop"] = obj.nll(obj.drop_logprobs(base, ids, prefix, horizon), tgt)
+    out = {"full": token_nll(teacher, tgt)}
+    out["drop"] = token_nll(obj.drop_logprobs(base, ids, prefix, horizon), tgt)
     mean = base.embed(spans).mean(-2)  # [B, 1, d]
-    out["mean"] = obj.nll(obj.student_logprobs(base, cache, prefix, mean, hor), tgt)
+    out["mean"] = token_nll(obj.student_logprobs(base, cache, prefix, mean, hor), tgt)
     gist = make_gists(base, stack, spans, level)
-    out["gist"] = obj.nll(obj.student_logprobs(base, cache, prefix, gist, hor), tgt)
+    out["gist"] = token_nll(obj.student_logprobs(base, cache, prefix, gist, hor), tgt)
     if level == 2:
         l1 = stack.from_tokens(base, spans.reshape(ids.shape[0], -1, 32))  # [B, 32, d]
-        out["l1_gists"] = obj.nll(obj.student_logprobs(base, cache, prefix, l1, hor), tgt)
+        out["l1_gists"] = token_nll(obj.student_logprobs(base, cache, prefix, l1, hor), tgt)
     return out
 
 
-def _summary(nlls: dict, n_boot: int, seed: int) -> dict:
+def horizon_buckets(horizon: int) -> list[tuple[int, int]]:
+    """Token ranges [lo, hi) of the horizon: 0, 1, 2-3, 4-7, ... up to `horizon`."""
+    edges = [0, 1]
+    while edges[-1] < horizon:
+        edges.append(min(2 * edges[-1], horizon))
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def by_horizon(tokens: dict) -> list[dict]:
+    """Recovery of the gist per horizon range, from per-token NLLs [N, H]."""
+    out = []
+    for lo, hi in horizon_buckets(tokens["full"].shape[1]):
+        f, d, g = (tokens[k][:, lo:hi].mean(1) for k in ("full", "drop", "gist"))
+        out.append(
+            {
+                "tokens": [lo, hi - 1],
+                "nll_full": float(f.mean()),
+                "gap": float(d.mean() - f.mean()),
+                "recovery": recovery(f, d, g),
+            }
+        )
+    return out
+
+
+def _summary(tokens: dict, n_boot: int, seed: int) -> dict:
+    nlls = {k: v.mean(1) for k, v in tokens.items()}
     full, drop = nlls["full"], nlls["drop"]
     res = {
         "recovery": recovery(full, drop, nlls["gist"]),
@@ -115,7 +147,9 @@ def evaluate_level(
         per_source[src] = _summary(nlls, n_boot, seed)
         for k, v in nlls.items():
             everything.setdefault(k, []).append(v)
-    res = _summary({k: np.concatenate(v) for k, v in everything.items()}, n_boot, seed)
+    tokens = {k: np.concatenate(v) for k, v in everything.items()}
+    res = _summary(tokens, n_boot, seed)
+    res["by_horizon"] = by_horizon(tokens)
     res["per_source"] = per_source
     res["window"] = {"prefix": prefix, "span": 32**level, "horizon": horizon}
     return res
@@ -219,6 +253,13 @@ def _table(res: dict) -> str:
         for src, s in [*r["per_source"].items(), ("all", r)]:
             row = " ".join(f"{s['nll'][m]:9.4f}" for m in r["nll"])
             lines.append(f"  {src:8s} {s['n_windows']:4d} {row}  {s['recovery']:.3f}")
+        ranges = r["by_horizon"]
+        lines.append(
+            "  horizon token "
+            + " ".join(f"{b['tokens'][0]}-{b['tokens'][1]}".rjust(7) for b in ranges)
+        )
+        lines.append("  drop - full   " + " ".join(f"{b['gap']:7.3f}" for b in ranges))
+        lines.append("  recovery      " + " ".join(f"{b['recovery']:7.3f}" for b in ranges))
     return "\n".join(lines)
 
 
