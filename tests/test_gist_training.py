@@ -218,6 +218,10 @@ def test_eval_is_deterministic_for_a_seed(gist_base):
     assert [b["tokens"] for b in ranges] == [[0, 0], [1, 1], [2, 3], [4, 7]]
     gap = sum(b["gap"] * (b["tokens"][1] - b["tokens"][0] + 1) for b in ranges) / 8
     assert gap == pytest.approx(a["L1"]["nll"]["drop"] - a["L1"]["nll"]["full"], abs=1e-5)
+    # a free vector fitted to the scored horizon starts at the gist and does better
+    kw.update(levels=(1,), free_steps=3)
+    free = gist_eval.evaluate(gist_base, stack, "test", seed=3, **kw)["L1"]
+    assert free["nll"]["free"] < free["nll"]["gist"] and "recovery_free" in free
 
 
 def test_student_with_raw_span_matches_teacher(gist_base):
