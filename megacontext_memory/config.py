@@ -31,6 +31,13 @@ class Config:
     recency_tokens: int = 256  # heuristic scorer: how fast the pull of recent tokens fades
     gist_checkpoint: str | None = "default"  # "default": the shipped checkpoint; None: untrained
     gist_dtype: str = "float16"
+    # Adam steps fitting each level-1 gist so the model continues after it as after its
+    # block, in the context of the block before it (0: GistNet's gists as they are); the
+    # target is the model's own greedy continuation, `gist_refine_tokens` long. See
+    # `refine_gists`.
+    gist_refine_steps: int = 4
+    gist_refine_lr: float = 0.006
+    gist_refine_tokens: int = 4
     position_convention: str = "compact"
     scorer: str = "heuristic"
     seed: int = 0
@@ -54,6 +61,12 @@ class Config:
             raise ValueError(f"recency_tokens must be >= 1, got {self.recency_tokens}")
         if self.max_moves < 1 or self.cooldown < 0 or self.refocus_rounds < 1:
             raise ValueError("max_moves >= 1, cooldown >= 0 and refocus_rounds >= 1 are required")
+        if self.gist_refine_steps < 0 or not self.gist_refine_lr > 0 or self.gist_refine_tokens < 1:
+            raise ValueError(
+                "gist_refine_steps >= 0, gist_refine_lr > 0 and gist_refine_tokens >= 1 are "
+                f"required, got {self.gist_refine_steps}, {self.gist_refine_lr} and "
+                f"{self.gist_refine_tokens}"
+            )
         if self.gist_dtype not in GIST_DTYPES:
             raise ValueError(f"gist_dtype must be one of {GIST_DTYPES}, got {self.gist_dtype!r}")
         if self.position_convention not in POSITION_CONVENTIONS:

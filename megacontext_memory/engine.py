@@ -47,7 +47,8 @@ def _load_gister(config: Config, base: BaseModel) -> Gister:
     else:
         stack, meta = load_gist_stack(ckpt, base, config.position_convention)
         version = meta["version"]
-    return Gister(base, stack, version, config.gist_dtype)
+    refine = (config.gist_refine_steps, config.gist_refine_lr, config.gist_refine_tokens)
+    return Gister(base, stack, version, config.gist_dtype, refine)
 
 
 class MegaContextEngine:

@@ -14,31 +14,69 @@ from .config import BLOCK_SIZE
 from .models.base import BaseModel
 from .models.gistnet import GistStack
 from .store import Message, SessionStore
+from .training.gist_objective import refine_gists
 
 K = BLOCK_SIZE
 
 
 class Gister:
-    """Turns token blocks and gist groups into gists with one GistStack."""
+    """Turns token blocks and gist groups into gists with one GistStack.
 
-    def __init__(self, base: BaseModel, stack: GistStack, version: str, dtype: str):
-        self.base, self.stack, self.version = base, stack.to(base.device).eval(), version
+    With `refine` = (steps, lr, tokens) and steps > 0, every level-1 gist that has a block
+    before it is then fitted (`refine_gists`) so the model reading [previous block][gist]
+    continues as it does after [previous block][block]; the version names the fit, so a
+    store never mixes gists made with and without it.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        stack: GistStack,
+        version: str,
+        dtype: str,
+        refine: tuple[int, float, int] = (0, 0.0, 0),
+    ):
+        self.base, self.stack = base, stack.to(base.device).eval()
+        self.refine = refine
+        steps, lr, tokens = refine
+        self.version = f"{version}+refine{steps}x{lr:g}x{tokens}" if steps else version
         self.np_dtype = np.float32 if dtype == "float32" else np.float16
         self.batch = 256
 
     @torch.no_grad()
-    def gists(self, level: int, children: np.ndarray) -> np.ndarray:
-        """[n, 32] token ids (level 1) or [n, 32, d] gists (level > 1) -> [n, d]."""
+    def gists(self, level: int, children: np.ndarray, previous: np.ndarray | None = None):
+        """[n, 32] token ids (level 1) or [n, 32, d] gists (level > 1) -> [n, d].
+
+        Level-1 blocks are consecutive; `previous` is the block before the first one (None
+        when it is the session's first block).
+        """
         out = []
         for i in range(0, len(children), self.batch):
             chunk = children[i : i + self.batch]
             if level == 1:
-                g = self.stack.from_tokens(self.base, torch.as_tensor(chunk.astype(np.int64)))
+                before = children[i - 1] if i else previous
+                g = self._block_gists(chunk.astype(np.int64), before)
             else:
                 x = torch.as_tensor(np.asarray(chunk, np.float32), device=self.base.device)
                 g = self.stack(x, level)
             out.append(g.float().cpu().numpy().astype(self.np_dtype))
         return np.concatenate(out) if out else np.zeros((0, self.base.width), self.np_dtype)
+
+    def _block_gists(self, blocks: np.ndarray, previous: np.ndarray | None) -> torch.Tensor:
+        """Gists of consecutive blocks [n, K]; `previous` is the block before blocks[0]."""
+        ids = torch.as_tensor(blocks, device=self.base.device)
+        g = self.stack.from_tokens(self.base, ids)
+        if not self.refine[0]:
+            return g
+        if previous is None:  # the session's first block has no context: it stays as made
+            g, first, context, ids = g[1:], g[:1], ids[:-1], ids[1:]
+        else:
+            first = g[:0]
+            before = torch.as_tensor(previous.astype(np.int64), device=ids.device)[None]
+            context = torch.cat([before, ids[:-1]])
+        if len(ids):
+            g = refine_gists(self.base, g, context, ids, *self.refine)
+        return torch.cat([first, g])
 
 
 class MegaContextTree:
@@ -110,7 +148,8 @@ class MegaContextTree:
         have = self.count(1)
         full = len(tokens) // K
         if full > have:
-            out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K))
+            previous = tokens[(have - 1) * K : have * K] if have else None
+            out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K), previous)
         level = 1
         while True:
             total = self.count(level) + len(out.get(level, ()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,6 +154,42 @@ def test_checkpoint_for_another_base_model_is_refused(engine_factory, base, tmp_
         engine_factory(store=store, gist_checkpoint=str(path.with_suffix("")))
     again = engine_factory(store=store).session("keep").messages()
     assert [m.content for m in again] == ["still here"]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def test_level1_gists_are_refined_in_context_and_rebuild_alike(engine_factory, tmp_path):
+    """Stored L1 gists are fitted in the context of the block before each, whether they
+    were made one append at a time or all at once, and a store made without the fit is
+    re-gisted rather than mixed."""
+    store = tmp_path / "st"
+    plain = engine_factory(store=store, gist_refine_steps=0)
+    s = plain.session("s")
+    for role, text in conversation(plain.base, 400)[:12]:
+        s.append(role, text)
+    n = s.tree.count(1)
+    assert n >= 6
+    blocks = s.tree.tokens(0, n * 32).reshape(-1, 32)
+    unrefined = s.tree.store.gists(1, 0, n).astype(np.float32)
+
+    refined_engine = engine_factory(store=store)  # default config: the fit is on
+    assert refined_engine.gister.version != plain.gister.version
+    t = refined_engine.session("s").tree
+    registed = t.store.gists(1, 0, n, version=t.gister.version).astype(np.float32)
+    assert np.array_equal(registed[0], unrefined[0])  # the first block has no context
+    moved = _cosine(registed[1:], unrefined[1:])
+    assert moved.max() < 0.9999  # every other gist was fitted
+
+    incremental = engine_factory(store=tmp_path / "inc").session("s")
+    for role, text in conversation(plain.base, 400)[:12]:
+        incremental.append(role, text)
+    one_by_one = incremental.tree.store.gists(1, 0, n).astype(np.float32)
+    assert np.array_equal(incremental.tree.tokens(0, n * 32).reshape(-1, 32), blocks)
+    same = _cosine(one_by_one, registed)
+    assert same.min() > 0.99 and same[1:].mean() > moved.mean()
 
 
 # ---- a long conversation: budget, invariants after every move, recall -------------------

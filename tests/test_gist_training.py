@@ -222,6 +222,37 @@ def test_eval_is_deterministic_for_a_seed(gist_base):
     kw.update(levels=(1,), free_steps=3)
     free = gist_eval.evaluate(gist_base, stack, "test", seed=3, **kw)["L1"]
     assert free["nll"]["free"] < free["nll"]["gist"] and "recovery_free" in free
+    # with the engine's fit on, the headline scores the refined gists, GistNet's beside it
+    kw.update(free_steps=0, refine=(2, 0.006, 2))
+    with pytest.raises(ValueError, match="prefix of at least 32"):
+        gist_eval.evaluate(gist_base, stack, "test", seed=3, **kw)
+    r = gist_eval.evaluate(gist_base, stack, "test", seed=3, **(kw | {"prefix": 32}))
+    assert r["refine"] == {"steps": 2, "lr": 0.006, "tokens": 2}
+    assert "refined" in r["L1"]["nll"] and r["L1"]["recovery"] != r["L1"]["recovery_gistnet"]
+
+
+def test_refined_gists_continue_more_like_their_block(gist_base):
+    """refine_gists fits each gist to the model's own continuation of [context][block]."""
+    stack = _stack(gist_base)
+    ids = torch.as_tensor(
+        data.WindowSampler(data.load_streams(gist_base, "train"), seed=4).sample(
+            data.WindowSpec(32, 1, 1), 3
+        )[0]
+    )
+    context, block = ids[:, :32], ids[:, 32:64]
+    with torch.no_grad():
+        g = stack.from_tokens(gist_base, block)
+    refined = obj.refine_gists(gist_base, g, context, block, steps=4, lr=0.006, tokens=3)
+    assert refined.shape == g.shape and refined.dtype == g.dtype
+    cont, teacher, cache = obj.continuation_logprobs(gist_base, ids[:, :64], 32, 3)
+    assert cont.shape == (3, 3) and teacher.shape[:2] == (3, 3)
+    with torch.no_grad():
+
+        def kl(v):
+            lp = obj.student_logprobs(gist_base, cache, 32, v[:, None], cont)
+            return obj.kl_to_teacher(teacher, lp)
+
+        assert (kl(refined) < kl(g)).all()
 
 
 def test_student_with_raw_span_matches_teacher(gist_base):

@@ -7,17 +7,23 @@ span) it measures the horizon NLL under the frozen LLM when the span is
     drop    removed
     mean    replaced by the mean of its token embeddings (one vector)
     gist    replaced by its GistNet gist (one vector; L2 = L2 net over 32 L1 gists)
+    refined the gist as the engine stores it: each level-1 gist fitted so the model
+            continues after it as after its block, in the context of the block before
+            it (`refine_gists`; L2 = L2 net over 32 such gists). The fit targets the
+            model's own continuation: nothing after the span is used.
 
 and, for L2 only, `l1_gists` (the 32 L1 gists the L2 gist is made from, for reference).
 With `--free-steps N` it also reports `free`: one unconstrained vector per window, fitted
 to the teacher on the very horizon it is scored on. That is an upper bound, not a held-out
 result; the distance from the gist to it is what the encoder leaves unused in the format.
 Positions are 'compact' (each entry takes one position). The headline is the recovery
-ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full), over all windows and per source, with
-a 95% bootstrap interval over windows. `by_horizon` splits the recovery by distance into
-the horizon (token 0, 1, 2-3, 4-7, ...), which shows where the gist falls short: right
-after the span, where the next token hangs on its last words, or further on. Everything is fp32 and seeded: the same checkpoint,
-seed and settings give the same numbers.
+ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full) of the gists as the engine stores them
+(`refined`, or `gist` with `--refine-steps 0`), over all windows and per source, with a 95%
+bootstrap interval over windows; `recovery_gistnet` is GistNet's output alone.
+`by_horizon` splits the recovery by distance into the horizon (token 0, 1, 2-3, 4-7, ...),
+which shows where a gist falls short: right after the span, where the next token hangs on
+its last words, or further on. Everything
+is fp32 and seeded: the same checkpoint, seed and settings give the same numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import BLOCK_SIZE, Config
 from ..models.base import BaseModel
 from ..models.checkpoint import SHIPPED, load_gist_stack
 from ..training import data
@@ -63,6 +70,21 @@ def token_nll(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def engine_gists(base, stack, ids: torch.Tensor, prefix: int, level: int, refine: tuple):
+    """Gists [B, 1, d] of the span after `prefix` made as the engine makes them: level-1
+    gists refined in the context of the block before each (the prefix's last block first)."""
+    if prefix < BLOCK_SIZE:
+        raise ValueError(f"refined gists need a prefix of at least {BLOCK_SIZE} tokens")
+    b = ids.shape[0]
+    blocks = ids[:, prefix - BLOCK_SIZE : prefix + BLOCK_SIZE**level].reshape(b, -1, BLOCK_SIZE)
+    context, targets = blocks[:, :-1].flatten(0, 1), blocks[:, 1:].flatten(0, 1)
+    g = stack.from_tokens(base, targets)
+    g = obj.refine_gists(base, g, context, targets, *refine).reshape(b, -1, base.width)
+    if level == 1:
+        return g
+    return stack(g.reshape(b, 1, -1, BLOCK_SIZE, base.width), level).reshape(b, 1, base.width)
+
+
 def fit_free_vector(base, cache, prefix: int, start, horizon_ids, teacher, steps: int):
     """One vector per window [B, 1, d], fitted by Adam from `start` to the teacher's horizon."""
     v = start.detach().clone().requires_grad_(True)
@@ -79,7 +101,14 @@ def fit_free_vector(base, cache, prefix: int, start, horizon_ids, teacher, steps
 
 @torch.no_grad()
 def window_nlls(
-    base, stack, ids: torch.Tensor, level: int, prefix: int, horizon: int, free_steps: int = 0
+    base,
+    stack,
+    ids: torch.Tensor,
+    level: int,
+    prefix: int,
+    horizon: int,
+    free_steps: int = 0,
+    refine: tuple[int, float, int] = (0, 0.0, 0),
 ) -> dict:
     """Per-token horizon NLL [B, H] for every method, windows `ids` [B, L] with one span."""
     span = 32**level
@@ -95,6 +124,9 @@ def window_nlls(
     if level == 2:
         l1 = stack.from_tokens(base, spans.reshape(ids.shape[0], -1, 32))  # [B, 32, d]
         out["l1_gists"] = token_nll(obj.student_logprobs(base, cache, prefix, l1, hor), tgt)
+    if refine[0]:
+        refined = engine_gists(base, stack, ids, prefix, level, refine)
+        out["refined"] = token_nll(obj.student_logprobs(base, cache, prefix, refined, hor), tgt)
     if free_steps:
         free = fit_free_vector(base, cache, prefix, gist, hor, teacher, free_steps)
         out["free"] = token_nll(obj.student_logprobs(base, cache, prefix, free, hor), tgt)
@@ -114,12 +146,14 @@ def by_horizon(tokens: dict) -> list[dict]:
     out = []
     for lo, hi in horizon_buckets(tokens["full"].shape[1]):
         f, d, g = (tokens[k][:, lo:hi].mean(1) for k in ("full", "drop", "gist"))
+        stored = tokens.get("refined", tokens["gist"])[:, lo:hi].mean(1)
         out.append(
             {
                 "tokens": [lo, hi - 1],
                 "nll_full": float(f.mean()),
                 "gap": float(d.mean() - f.mean()),
-                "recovery": recovery(f, d, g),
+                "recovery": recovery(f, d, stored),
+                "recovery_gistnet": recovery(f, d, g),
             }
         )
     return out
@@ -128,9 +162,12 @@ def by_horizon(tokens: dict) -> list[dict]:
 def _summary(tokens: dict, n_boot: int, seed: int) -> dict:
     nlls = {k: v.mean(1) for k, v in tokens.items()}
     full, drop = nlls["full"], nlls["drop"]
+    stored = nlls.get("refined", nlls["gist"])  # the gists the engine feeds the model
     res = {
-        "recovery": recovery(full, drop, nlls["gist"]),
-        "ci95": bootstrap_ci(full, drop, nlls["gist"], n_boot, seed),
+        "recovery": recovery(full, drop, stored),
+        "ci95": bootstrap_ci(full, drop, stored, n_boot, seed),
+        "recovery_gistnet": recovery(full, drop, nlls["gist"]),
+        "ci95_gistnet": bootstrap_ci(full, drop, nlls["gist"], n_boot, seed),
         "recovery_mean": recovery(full, drop, nlls["mean"]),
         "nll": {k: float(v.mean()) for k, v in nlls.items()},
         "n_windows": len(full),
@@ -154,6 +191,7 @@ def evaluate_level(
     batch: int,
     progress: bool = False,
     free_steps: int = 0,
+    refine: tuple[int, float, int] = (0, 0.0, 0),
 ) -> dict:
     spec = data.WindowSpec(prefix, 1, horizon, span=32**level)
     windows = data.heldout_windows(base, spec, per_source, seed=seed + 1000 * level)
@@ -163,7 +201,7 @@ def evaluate_level(
         parts: dict[str, list] = {}
         for i in range(0, len(ids), batch):
             for k, v in window_nlls(
-                base, stack, ids[i : i + batch], level, prefix, horizon, free_steps
+                base, stack, ids[i : i + batch], level, prefix, horizon, free_steps, refine
             ).items():
                 parts.setdefault(k, []).append(v.float().cpu())
             if progress:
@@ -194,6 +232,7 @@ def evaluate(
     batch: int = 8,
     progress: bool = False,
     free_steps: int = 0,
+    refine: tuple[int, float, int] = (0, 0.0, 0),
 ) -> dict:
     torch.manual_seed(seed)
     stack = stack.to(base.device).eval()
@@ -213,8 +252,10 @@ def evaluate(
             batch if level == 1 else max(1, batch // 4),
             progress,
             free_steps,
+            refine,
         )
     out["n_windows"] = sum(out[f"L{lv}"]["n_windows"] for lv in levels)
+    out["refine"] = dict(zip(("steps", "lr", "tokens"), refine, strict=True))
     out["seed"] = seed
     out["seconds"] = round(time.time() - t0, 1)
     return out
@@ -259,6 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fit one free vector per window for this many Adam steps on the scored "
         "horizon (an upper bound for the one-vector format, not a held-out result)",
     )
+    p.add_argument(
+        "--refine-steps",
+        type=int,
+        default=Config().gist_refine_steps,
+        help="also score gists as the engine stores them, refined for this many steps "
+        "(the engine's gist_refine_steps; 0: skip)",
+    )
+    p.add_argument(
+        "--refine-lr", type=float, default=Config().gist_refine_lr, help="their step size"
+    )
+    p.add_argument(
+        "--refine-tokens",
+        type=int,
+        default=Config().gist_refine_tokens,
+        help="length of the model's own continuation they are fitted to",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -272,19 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _table(res: dict) -> str:
     lines = [f"checkpoint: {res['checkpoint']}  ({res['n_windows']} held-out windows)"]
+    refine = res.get("refine", {}).get("steps", 0)
+    stored = f"as stored (refined, {refine} steps)" if refine else "as stored (GistNet)"
     for lv in ("L1", "L2"):
         if lv not in res:
             continue
         r = res[lv]
         lines.append(
-            f"{lv}  recovery {r['recovery']:.3f}  ci95 [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
-            f"  (mean-of-embeddings {r['recovery_mean']:.3f})"
-            + (
-                f"  (free vector, upper bound {r['recovery_free']:.3f})"
-                if "free" in r["nll"]
-                else ""
-            )
+            f"{lv}  recovery {stored} {r['recovery']:.3f}  "
+            f"ci95 [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
         )
+        extra = f"GistNet alone {r['recovery_gistnet']:.3f}"
+        extra += f"  mean-of-embeddings {r['recovery_mean']:.3f}"
+        if "free" in r["nll"]:
+            extra += f"  free vector (upper bound) {r['recovery_free']:.3f}"
+        lines.append(f"    {extra}")
         header = (
             f"  {'source':8s} {'n':>4s} " + " ".join(f"{m:>9s}" for m in r["nll"]) + "  recovery"
         )
@@ -294,11 +353,14 @@ def _table(res: dict) -> str:
             lines.append(f"  {src:8s} {s['n_windows']:4d} {row}  {s['recovery']:.3f}")
         ranges = r["by_horizon"]
         lines.append(
-            "  horizon token "
+            "  horizon token  "
             + " ".join(f"{b['tokens'][0]}-{b['tokens'][1]}".rjust(7) for b in ranges)
         )
-        lines.append("  drop - full   " + " ".join(f"{b['gap']:7.3f}" for b in ranges))
-        lines.append("  recovery      " + " ".join(f"{b['recovery']:7.3f}" for b in ranges))
+        lines.append("  drop - full    " + " ".join(f"{b['gap']:7.3f}" for b in ranges))
+        lines.append("  recovery       " + " ".join(f"{b['recovery']:7.3f}" for b in ranges))
+        lines.append(
+            "  GistNet alone  " + " ".join(f"{b['recovery_gistnet']:7.3f}" for b in ranges)
+        )
     return "\n".join(lines)
 
 
@@ -323,6 +385,7 @@ def eval_gist_main(argv: list[str] | None = None) -> int:
         args.batch,
         progress=not args.json,
         free_steps=args.free_steps,
+        refine=(args.refine_steps, args.refine_lr, args.refine_tokens),
     )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

@@ -91,6 +91,54 @@ def drop_logprobs(base, ids: torch.Tensor, n_prefix: int, horizon: int) -> torch
     return _run(base, base.embed(seq), 0, None, horizon + 1)[0][:, :-1]
 
 
+@torch.no_grad()
+def continuation_logprobs(base, ids: torch.Tensor, n_prefix: int, tokens: int):
+    """The model's own greedy continuation [B, tokens] of windows `ids` [B, L], its
+    log-probs [B, tokens, V] at each step, and the KV cache of the first `n_prefix` positions.
+    """
+    lp, cache = _run(base, base.embed(ids), 0, None, 1)
+    steps = [lp]
+    for i in range(1, tokens):
+        nxt = steps[-1][:, -1].argmax(-1, keepdim=True)
+        steps.append(_run(base, base.embed(nxt), ids.shape[1] + i - 1, cache, 1)[0])
+    lps = torch.cat(steps, 1)
+    cache.crop(n_prefix - (ids.shape[1] + tokens - 1))
+    return lps.argmax(-1), lps, cache
+
+
+def refine_gists(
+    base,
+    gists: torch.Tensor,
+    context_ids: torch.Tensor,
+    block_ids: torch.Tensor,
+    steps: int,
+    lr: float,
+    tokens: int = 4,
+) -> torch.Tensor:
+    """Fit gists [B, d] of blocks `block_ids` [B, K] so that the model reading
+    [context][gist] continues as it does after [context][block].
+
+    The tokens right after a gist are where it loses most (`eval-gist`'s by_horizon): they
+    hang on the block's last words *in their context*, which GistNet never sees. The target
+    is the model's own greedy continuation of [context][block] (`tokens` tokens) and its
+    distributions there, so nothing after the block is used and the fit runs at ingest;
+    `context_ids` [B, C >= 1] are the tokens before each block.
+    """
+    n_ctx = context_ids.shape[1]
+    ids = torch.cat([context_ids, block_ids], 1)
+    continuation, teacher, cache = continuation_logprobs(base, ids, n_ctx, tokens)
+    v = gists.detach().float().clone()[:, None].requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            lp = student_logprobs(base, cache, n_ctx, v, continuation)
+            loss = kl_to_teacher(teacher, lp).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return v.detach()[:, 0].to(gists.dtype)
+
+
 def kl_to_teacher(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) per window [B], averaged over the horizon."""
     kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)
