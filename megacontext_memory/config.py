@@ -35,8 +35,8 @@ class Config:
     # block, in the context of the block before it (0: GistNet's gists as they are); the
     # target is the model's own greedy continuation, `gist_refine_tokens` long. See
     # `refine_gists`.
-    gist_refine_steps: int = 4
-    gist_refine_lr: float = 0.006
+    gist_refine_steps: int = 2
+    gist_refine_lr: float = 0.01
     gist_refine_tokens: int = 4
     position_convention: str = "compact"
     scorer: str = "heuristic"
