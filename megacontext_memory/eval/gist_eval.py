@@ -85,20 +85,6 @@ def engine_gists(base, stack, ids: torch.Tensor, prefix: int, level: int, refine
     return stack(g.reshape(b, 1, -1, BLOCK_SIZE, base.width), level).reshape(b, 1, base.width)
 
 
-def fit_free_vector(base, cache, prefix: int, start, horizon_ids, teacher, steps: int):
-    """One vector per window [B, 1, d], fitted by Adam from `start` to the teacher's horizon."""
-    v = start.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=0.01)
-    with torch.enable_grad():
-        for _ in range(steps):
-            lp = obj.student_logprobs(base, cache, prefix, v, horizon_ids)
-            loss = obj.kl_to_teacher(teacher, lp).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return v.detach()
-
-
 @torch.no_grad()
 def window_nlls(
     base,
@@ -128,7 +114,7 @@ def window_nlls(
         refined = engine_gists(base, stack, ids, prefix, level, refine)
         out["refined"] = token_nll(obj.student_logprobs(base, cache, prefix, refined, hor), tgt)
     if free_steps:
-        free = fit_free_vector(base, cache, prefix, gist, hor, teacher, free_steps)
+        free = obj.fit_middle(base, cache, prefix, gist, hor, teacher, free_steps, lr=0.01)
         out["free"] = token_nll(obj.student_logprobs(base, cache, prefix, free, hor), tgt)
     return out
 

@@ -127,16 +127,23 @@ def refine_gists(
     n_ctx = context_ids.shape[1]
     ids = torch.cat([context_ids, block_ids], 1)
     continuation, teacher, cache = continuation_logprobs(base, ids, n_ctx, tokens)
-    v = gists.detach().float().clone()[:, None].requires_grad_(True)
+    v = fit_middle(base, cache, n_ctx, gists[:, None], continuation, teacher, steps, lr)
+    return v[:, 0].to(gists.dtype)
+
+
+def fit_middle(base, cache, n_prefix: int, start, horizon_ids, teacher_lp, steps: int, lr: float):
+    """Middle vectors [B, 1, d] fitted by Adam from `start` so the student matches the
+    teacher's log-probs over `horizon_ids` (per window: the loss is summed, not averaged)."""
+    v = start.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
-            lp = student_logprobs(base, cache, n_ctx, v, continuation)
-            loss = kl_to_teacher(teacher, lp).sum()
+            lp = student_logprobs(base, cache, n_prefix, v, horizon_ids)
+            loss = kl_to_teacher(teacher_lp, lp).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return v.detach()[:, 0].to(gists.dtype)
+    return v.detach()
 
 
 def kl_to_teacher(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.Tensor:
