@@ -2,12 +2,24 @@
 
 Expanding a gist replaces it with its 32 children (+31 positions); collapsing 32 siblings
 (or one raw block) replaces them with their parent (-31). Moves never touch the tree.
-Ingest calls `fit` (collapse the lowest-scored, then oldest, until the budget holds);
-each refocus round makes at most `max_moves` moves, swapping detail from low-scored spans to
-high-scored ones. A cooldown counts refocus events (one before each reply, one per message
-that completes a block), not the rounds inside one, so a node moved in an event stays put
-for the rest of it: otherwise rounds of one event undo each other and every turn
-re-prefills the whole context.
+
+The budget is there to be used. A refocus round, at most `max_moves` moves:
+1. makes room when the working context is over budget: it collapses the lowest-scored
+   (then oldest) spans down to `room(budget)`, a little under the budget, so the tokens of
+   the next turns fit without a move (a move re-prefills the KV cache from where it is);
+2. fills: free positions up to `room(budget)` go to the best-scored expansions, whatever
+   their sign, so a context shown before a reply uses at least 90% of its budget;
+3. swaps: with no room left, the best expansion replaces the lowest-scored collapse when it
+   scores higher by more than `tau_expand`.
+A score below zero is never a reason to collapse on its own. Ingest calls `fit` (collapse
+until the budget holds) and rounds with `fill=False`: filling is for the context a reply
+reads, and positions filled between replies would only be taken back by the next one.
+
+A cooldown counts refocus events (one before each reply, one per message that completes a
+block), not the rounds inside one, so a node moved in an event stays put for the rest of
+it: otherwise rounds of one event undo each other and every turn re-prefills the whole
+context. Collapses that make room do not start a cooldown: a span pushed out by new tokens
+may come back as soon as a question asks for it.
 """
 
 from __future__ import annotations
@@ -40,6 +52,15 @@ class _Collapse:
     n: int  # number of entries replaced (1 for a raw block, 32 for gists)
     parent: Entry
     score: float
+
+
+def room(budget: int) -> int:
+    """Positions a refocus fills up to and makes room down to: the budget less a slack.
+
+    One move changes 31 positions, so filling up to `room` leaves the context at least
+    `room - 30` long; the slack is the most that keeps that at 90% of the budget.
+    """
+    return budget - max(0, budget // 10 - (K - 1))
 
 
 class FocusAllocator:
@@ -79,14 +100,16 @@ class FocusAllocator:
         out.sort(key=lambda c: (c.score, c.parent.start))
         return out
 
-    def expansions(self, wc: WorkingContext, scores: np.ndarray) -> list[int]:
-        """Entry indices of gists worth expanding, best first."""
+    def expansions(self, wc: WorkingContext, scores, unscored: set = frozenset()) -> list[int]:
+        """Entry indices of the gists that may expand, best-scored first.
+
+        Entries in `unscored` (children of this round's expansions) wait for the next
+        round's scores rather than being opened on their parent's.
+        """
         idx = [
             i
             for i, e in enumerate(wc.entries)
-            if e.level > 0
-            and scores[i] > self.config.tau_expand
-            and not self._cooling(e.level, e.index)
+            if e.level > 0 and e not in unscored and not self._cooling(e.level, e.index)
         ]
         return sorted(idx, key=lambda i: -scores[i])
 
@@ -107,7 +130,7 @@ class FocusAllocator:
             children = [Entry.node(e.level - 1, e.index * K + j, n_tok) for j in range(K)]
         score = scores[i]
         wc.entries[i : i + 1] = children
-        scores[i : i + 1] = [0.0] * len(children)  # neutral until the scorer sees them
+        scores[i : i + 1] = [score] * len(children)
         self.moved_at[(e.level, e.index)] = self.tick
         return Move("expand", e.level, e.index, float(score))
 
@@ -116,7 +139,7 @@ class FocusAllocator:
     ) -> Move:
         wc.entries[c.first : c.first + c.n] = [c.parent]
         scores[c.first : c.first + c.n] = [c.score]
-        if cool:  # forced collapses (budget) do not stop a node from coming back into focus
+        if cool:  # collapses that make room do not stop a node from coming back into focus
             self.moved_at[(c.parent.level, c.parent.index)] = self.tick
         return Move("collapse", c.parent.level, c.parent.index, c.score)
 
@@ -147,34 +170,30 @@ class FocusAllocator:
                 return c
         return None
 
-    def refocus(self, wc: WorkingContext, tree: MegaContextTree, scores, budget: int) -> list[Move]:
-        """One refocus round: up to `max_moves` moves, alternating best expand / best collapse.
-
-        An expansion that does not fit first collapses the lowest-scored spans, but only
-        while the trade is worth it (score gap > tau_expand + tau_collapse). A collapse on
-        its own needs a score below -tau_collapse: that span asked to be shown with less.
-        """
+    def refocus(
+        self, wc: WorkingContext, tree: MegaContextTree, scores, budget: int, fill: bool = True
+    ) -> list[Move]:
+        """One refocus round: make room, fill (unless `fill=False`), then swap; at most
+        `max_moves` moves in all (see the module docstring)."""
         s = [float(x) for x in scores]
-        moves = self._fit(wc, tree, budget, s)
-        gain = self.config.tau_expand + self.config.tau_collapse
+        limit = room(budget)
+        moves = self._fit(wc, tree, limit, s) if len(wc) > budget else []
+        unscored: set[Entry] = set()
         while len(moves) < self.config.max_moves:
-            made = len(moves)
-            best = self.expansions(wc, np.asarray(s))
-            if best:
-                i = best[0]
-                while len(wc) + K - 1 > budget and len(moves) + 2 <= self.config.max_moves:
-                    c = self._cheapest(wc, tree, s, keep=i)
-                    if c is None or s[i] - c.score <= gain:
-                        break
-                    moves.append(self._collapse(wc, c, s))
-                    if c.first < i:
-                        i -= c.n - 1
-                if len(wc) + K - 1 <= budget and len(moves) < self.config.max_moves:
-                    moves.append(self._expand(wc, i, s, tree.n_tokens))
-            c = self._cheapest(wc, tree, s, keep=-1)
-            worthless = c is not None and c.score < -self.config.tau_collapse
-            if worthless and len(moves) < self.config.max_moves:
-                moves.append(self._collapse(wc, c, s))
-            if len(moves) == made:
+            best = self.expansions(wc, s, unscored)
+            if not best:
                 break
+            i = best[0]
+            if not (fill and len(wc) + K - 1 <= limit):
+                c = self._cheapest(wc, tree, s, keep=i)
+                if c is None or s[i] - c.score <= self.config.tau_expand:
+                    break
+                if len(moves) + 2 > self.config.max_moves:
+                    break
+                moves.append(self._collapse(wc, c, s))
+                if c.first < i:
+                    i -= c.n - 1
+            n_children = 1 if wc.entries[i].level == 1 else K
+            moves.append(self._expand(wc, i, s, tree.n_tokens))
+            unscored.update(wc.entries[i : i + n_children])
         return moves
