@@ -181,7 +181,7 @@ class Session:
             k = self.config.block_size
             if message.token_end // k > message.token_start // k:  # a block completed
                 self.allocator.new_event()
-                self._refocus_round(self.config.working_budget, self._query_ids(), tel)
+                self._refocus_round(self.config.working_budget, self._query_ids(), tel, fill=False)
             return message
 
     def _pin(self, system_end: int) -> int:
@@ -239,11 +239,13 @@ class Session:
                 break
         return moves
 
-    def _refocus_round(self, budget: int, query: list[int], tel: TurnTelemetry) -> int:
+    def _refocus_round(
+        self, budget: int, query: list[int], tel: TurnTelemetry, fill: bool = True
+    ) -> int:
         with tel.timed("score"):
             scores = self.scorer.score(self.wc, self.tree, query)
         with tel.timed("allocate"):
-            made = self.allocator.refocus(self.wc, self.tree, scores, budget)
+            made = self.allocator.refocus(self.wc, self.tree, scores, budget, fill=fill)
         tel.moves += len(made)
         tel.expands += sum(m.kind == "expand" for m in made)
         tel.collapses += sum(m.kind == "collapse" for m in made)
