@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,14 @@ from langchain_core.messages import (
 
 from megacontext_memory.routing import ORIGIN, Item, digest, get_engine, get_router, merged_messages
 
-from .chat_models import ID_PREFIX, ROUTER_NAME, reply_message, to_item
+from .chat_models import (
+    ID_PREFIX,
+    ROUTER_NAME,
+    SESSION_TAG,
+    ChatMegaContext,
+    reply_message,
+    to_item,
+)
 
 HIDDEN = ("prompt-system", "tools")  # ingested by the chat model from its prompt, not history
 
@@ -26,11 +34,14 @@ HIDDEN = ("prompt-system", "tools")  # ingested by the chat model from its promp
 class MegaContextChatMessageHistory(BaseChatMessageHistory):
     """Chat history stored in an engine session (`session_id`), durable across processes.
 
-    Use it as the factory of RunnableWithMessageHistory; with ChatMegaContext on the same
-    store, the messages the model already ingested during a turn are not stored twice.
+    Use it as the factory of RunnableWithMessageHistory, built with `llm=` to share the
+    chat model's engine. Its messages name their session (`additional_kwargs`), so the
+    model routes a prompt built from them to this session even where no `configurable`
+    session id reaches it; the messages the model ingested during a turn are not stored
+    twice.
 
     ```python
-    history = MegaContextChatMessageHistory("user-42", store="memory")
+    history = MegaContextChatMessageHistory("user-42", llm=llm)
     history.add_user_message("hi")
     ```
     """
@@ -38,17 +49,25 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
     def __init__(
         self,
         session_id: str,
-        store: str = "megacontext-store",
+        store: str | None = None,
         working_budget: int = 1024,
         model: str = "default",
         device: str | None = None,
         engine: Any = None,
+        llm: ChatMegaContext | None = None,
         **engine_kwargs: Any,
     ):
+        """`llm` (or `engine`) gives the engine; otherwise the settings name one, on `store`
+        (default $MEGACONTEXT_STORE, then "megacontext-store")."""
         if not isinstance(session_id, str) or not session_id:
             raise ValueError("session_id must be a non-empty string")
         self.session_id = session_id
-        self.engine = engine or get_engine(store, working_budget, model, device, engine_kwargs)
+        if llm is not None:
+            engine = llm.engine
+        if engine is None:
+            store = store or os.environ.get("MEGACONTEXT_STORE", "megacontext-store")
+            engine = get_engine(store, working_budget, model, device, engine_kwargs)
+        self.engine = engine
         self.router = get_router(self.engine, ROUTER_NAME, ID_PREFIX)
 
     @property
@@ -67,6 +86,7 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
             item = to_item(msg)
             if item is not None and item.role != "system":
                 chain = digest(chain, item)
+            msg.additional_kwargs[SESSION_TAG] = self.session_id
             out.append(msg)
         return out
 
@@ -79,9 +99,7 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
         self.router.add(self.session_id, items)
 
     def clear(self) -> None:
-        with self.router.lock(self.session_id):
-            self.engine.delete_session(self.session_id)
-            self.router.forget(self.session_id)
+        self.router.discard(self.session_id)
 
     async def aget_messages(self) -> list[BaseMessage]:
         return await asyncio.to_thread(lambda: self.messages)

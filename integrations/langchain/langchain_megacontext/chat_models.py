@@ -24,16 +24,17 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, ensure_config
+from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
+from megacontext_memory import tool_calls as _guide
 from megacontext_memory.routing import ORIGIN, Item, Router, router_for
 
-from . import _guide
-
 ROUTER_NAME, ID_PREFIX = "langchain", "lc-"
+SESSION_TAG = "megacontext_session"
+"""`additional_kwargs` key naming the session of a message read from a history object."""
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _UNSUPPORTED_BLOCKS = {"image", "image_url", "audio", "input_audio", "file", "video"}
 
@@ -81,11 +82,30 @@ def to_item(message: BaseMessage) -> Item | None:
         return None
     try:
         lc = message_to_dict(message)
+        lc["data"].get("additional_kwargs", {}).pop(SESSION_TAG, None)  # stored untagged
         json.dumps(lc)
         meta["lc"] = lc
     except (TypeError, ValueError):
         pass
     return Item(role, text, meta)
+
+
+def tagged_session(messages: Sequence[BaseMessage]) -> str | None:
+    """The session named by messages read from a history object (ValueError if several)."""
+    tags = {m.additional_kwargs.get(SESSION_TAG) for m in messages} - {None}
+    if len(tags) > 1:
+        raise ValueError(f"messages from several sessions {sorted(tags)} in one call")
+    return tags.pop() if tags else None
+
+
+def tool_rounds(messages: Sequence[BaseMessage]) -> int:
+    """Tool calls answered since the newest user message."""
+    n = 0
+    for m in reversed(messages):
+        if isinstance(m, HumanMessage):
+            break
+        n += isinstance(m, AIMessage) and bool(m.tool_calls)
+    return n
 
 
 def reply_message(text: str, tools_bound: bool, base: str) -> tuple[str, list[dict]]:
@@ -103,9 +123,12 @@ def reply_message(text: str, tools_bound: bool, base: str) -> tuple[str, list[di
 class ChatMegaContext(BaseChatModel):
     """Chat model backed by a MegaContext engine: unbounded memory at a fixed budget.
 
-    Every call routes to an engine session: messages the session already holds are
-    recognised and only new ones are ingested (see `megacontext_memory.routing`); `session_id` (here or per
-    call) pins the session explicitly.
+    Every call routes to an engine session and ingests only the messages it does not hold
+    (see `megacontext_memory.routing`). The session is, in order: the `session_id` of the
+    call, of this object, `configurable.session_id` / `thread_id` of the run's config, the
+    session of messages read from a `MegaContextChatMessageHistory`; otherwise an automatic
+    session matched by content (`ephemeral=True`: a throwaway one). The session is part of
+    the cache key.
 
     ```python
     from langchain_megacontext import ChatMegaContext
@@ -136,8 +159,14 @@ class ChatMegaContext(BaseChatModel):
     stop: list[str] | None = None
     seed: int | None = None
     streaming: bool = False
-    config_session_key: str | None = "session_id"
-    """Also route to `config["configurable"][config_session_key]` when it is set."""
+    config_session_keys: list[str] = Field(default_factory=lambda: ["session_id", "thread_id"])
+    """`configurable` keys naming the session (RunnableWithMessageHistory, LangGraph)."""
+    ephemeral: bool = False
+    """Calls that name no session run in a throwaway session (one-off prompts, batch jobs,
+    structured output over a dataset); also per call: `invoke(..., ephemeral=True)`."""
+    max_tool_rounds: int = 1
+    """Tool calls per user turn; after this many the model must answer (a small model
+    tends to call its tool again and again)."""
     tool_call_threshold: float = 0.004
     """With tools bound and no forced choice: open a tool call when the model's first-step
     probability of doing so is at least this."""
@@ -159,7 +188,13 @@ class ChatMegaContext(BaseChatModel):
             "working_budget": self.working_budget,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
+            "session_id": self.session_id,
         }
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """Cache key: another session's cached answer must never be served."""
+        session = kwargs.pop("session_id", None) or self.session_id or self._session_from_config()
+        return super()._get_llm_string(stop, **kwargs) + f"---session={session!r}"
 
     @property
     def model_name_resolved(self) -> str:
@@ -188,17 +223,53 @@ class ChatMegaContext(BaseChatModel):
     def engine(self):
         return self.router.engine
 
-    def _session_from_config(self) -> str | None:
-        """`configurable[config_session_key]` of the running config (RunnableWithMessageHistory
-        passes the session id there), if any."""
-        if not self.config_session_key:
-            return None
-        try:
-            configurable = ensure_config().get("configurable") or {}
-        except Exception:  # no runnable context
-            return None
-        value = configurable.get(self.config_session_key)
-        return value if isinstance(value, str) and value else None
+    def _session_from_config(self, config: RunnableConfig | None = None) -> str | None:
+        """The session named under `configurable` (RunnableWithMessageHistory's session_id,
+        LangGraph's thread_id) of `config`, or of the running config."""
+        configurable = ensure_config(config).get("configurable") or {}
+        for key in self.config_session_keys:
+            value = configurable.get(key)
+            if isinstance(value, str) and value:
+                return value
+        return None
+
+    def _with_session(self, config: RunnableConfig | None, kwargs: dict) -> dict:
+        """Direct calls get no runnable context: take the session from their config."""
+        if not (kwargs.get("session_id") or self.session_id):
+            sid = self._session_from_config(config)
+            if sid:
+                kwargs = {**kwargs, "session_id": sid}
+        return kwargs
+
+    def invoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ):
+        return super().invoke(input, config, **self._with_session(config, kwargs))
+
+    async def ainvoke(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ):
+        return await super().ainvoke(input, config, **self._with_session(config, kwargs))
+
+    def stream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ):
+        return super().stream(input, config, **self._with_session(config, kwargs))
+
+    def astream(
+        self, input: LanguageModelInput, config: RunnableConfig | None = None, **kwargs: Any
+    ):
+        return super().astream(input, config, **self._with_session(config, kwargs))
+
+    def _session_for(self, messages: list[BaseMessage], kwargs: dict) -> str | None:
+        named = kwargs.get("session_id") or self.session_id or self._session_from_config()
+        tagged = tagged_session(messages)
+        if named and tagged and named != tagged:
+            raise ValueError(
+                f"this call is for session {named!r} but its messages come from the history "
+                f"of session {tagged!r}"
+            )
+        return named or tagged
 
     def bind_tools(
         self,
@@ -234,25 +305,28 @@ class ChatMegaContext(BaseChatModel):
         engine = self.engine
         tools = kwargs.get("tools") or []
         tool_choice = kwargs.get("tool_choice")
-        if tool_choice == "none":
-            tools = []
         answering = bool(messages) and isinstance(messages[-1], ToolMessage)
-        if tools and tool_choice in (None, "auto") and answering:
-            # A small model tends to call the tool again; after a tool result it answers.
-            tool_choice = "none"
+        if (
+            answering
+            and tool_choice in (None, "auto")
+            and tool_rounds(messages) >= self.max_tool_rounds
+        ):
+            tool_choice = "none"  # the tools stay described: the conversation is the same
         items = [it for it in (to_item(m) for m in messages) if it is not None]
         for it in items:
             if it.role == "system":
                 it.metadata[ORIGIN] = "prompt-system"
         extra = []
         if tools:
-            extra.append(Item("system", _guide.tools_prompt(tools), {ORIGIN: "tools"}))
+            extra.append(Item("system", _guide.tools_prompt(tools), {ORIGIN: "tools"}, "tools"))
         max_new = int(kwargs.get("max_tokens") or self.max_tokens)
         stop = list(stop or kwargs.get("stop") or self.stop or [])
-        sid = kwargs.get("session_id") or self.session_id or self._session_from_config()
-        with self.router.turn(items, sid, extra, self.system_refresh_tokens) as turn:
+        sid = self._session_for(messages, kwargs)
+        ephemeral = bool(kwargs.get("ephemeral", self.ephemeral))
+        with self.router.turn(items, sid, extra, self.system_refresh_tokens, ephemeral) as turn:
             session = turn.session
             prefix, proc, allowance = "", None, 0
+            calls_allowed = bool(tools) and tool_choice != "none"
             if tools and tool_choice != "none":
                 base = engine.base
                 vocab = _guide.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
@@ -266,6 +340,7 @@ class ChatMegaContext(BaseChatModel):
                 )
                 max_new = max(max_new, allowance)
                 stop = [] if prefix else stop
+            yield "call" if prefix else "text", ""
             room = self.working_budget - session.config.recent_raw - 2 * 32 - 64
             max_new = max(1, min(max_new, room))
             pieces = session.generate(
@@ -286,11 +361,17 @@ class ChatMegaContext(BaseChatModel):
             finally:
                 pieces.close()
                 text = "".join(out)
-                content, tool_calls = reply_message(text, bool(tools), turn.head)
+                content, tool_calls = reply_message(text, calls_allowed, turn.head)
                 reply = AIMessage(content=content, tool_calls=tool_calls)
                 turn.commit_reply(to_item(reply))
             tel = session.telemetry[-1]
             n_out = len(engine.base.encode(text[len(prefix) :])) if text else 0
+            if tool_calls:
+                finish = "tool_calls"
+            elif n_out >= max_new:
+                finish = "length"
+            else:
+                finish = "stop"
             n_in = tel.prefill_tokens + tel.reused_prefix
             usage = {
                 "input_tokens": n_in,
@@ -306,7 +387,7 @@ class ChatMegaContext(BaseChatModel):
                 "history_tokens": session.token_count(),
                 "prefill_tokens": tel.prefill_tokens,
                 "ingested_messages": len(turn.ingested),
-                "finish_reason": "tool_calls" if tool_calls else "stop",
+                "finish_reason": finish,
             }
         yield "done", (content, tool_calls, usage, meta)
 
@@ -319,7 +400,7 @@ class ChatMegaContext(BaseChatModel):
     ) -> ChatResult:
         result = None
         for kind, value in self._turn(messages, stop, kwargs):
-            if kind == "text" and run_manager and not kwargs.get("tools"):
+            if kind == "text" and value and run_manager and not kwargs.get("tools"):
                 run_manager.on_llm_new_token(value)
             elif kind == "done":
                 result = value
@@ -339,32 +420,45 @@ class ChatMegaContext(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        buffer = bool(kwargs.get("tools")) and kwargs.get("tool_choice") != "none"
+        """Text streams token by token, also with tools bound; a tool call comes whole."""
+        held, streaming, calling = "", False, False
         for kind, value in self._turn(messages, stop, kwargs):
-            if kind == "text":
-                if buffer or not value:
+            if kind == "call":
+                calling = True
+            elif kind == "text" and not calling:
+                held += value
+                lead = held.lstrip()
+                if not streaming and (not lead or _guide.OPEN.startswith(lead)):
+                    continue  # may still open a tool call
+                if not streaming and lead.startswith(_guide.OPEN):
+                    calling = True  # the model opened one itself: it comes whole at the end
                     continue
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=value))
+                streaming = True
+                if not held:
+                    continue
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=held))
+                held = ""
                 if run_manager:
-                    run_manager.on_llm_new_token(value, chunk=chunk)
+                    run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
                 yield chunk
-            else:
-                content, tool_calls, usage, meta = value
-                chunks = [
-                    tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
-                    for i, c in enumerate(tool_calls)
-                ]
-                last = AIMessageChunk(
-                    content=content if buffer else "",
-                    tool_call_chunks=chunks,
-                    usage_metadata=usage,
-                    response_metadata=meta,
-                    chunk_position="last",
-                )
-                chunk = ChatGenerationChunk(message=last)
-                if run_manager and last.content:
-                    run_manager.on_llm_new_token(last.content, chunk=chunk)
-                yield chunk
+            if kind != "done":
+                continue
+            content, tool_calls, usage, meta = value
+            chunks = [
+                tool_call_chunk(name=c["name"], args=json.dumps(c["args"]), id=c["id"], index=i)
+                for i, c in enumerate(tool_calls)
+            ]
+            last = AIMessageChunk(
+                content="" if streaming else content,
+                tool_call_chunks=chunks,
+                usage_metadata=usage,
+                response_metadata=meta,
+                chunk_position="last",
+            )
+            chunk = ChatGenerationChunk(message=last)
+            if run_manager and last.content:
+                run_manager.on_llm_new_token(last.content, chunk=chunk)
+            yield chunk
 
     # ---- native async: the engine runs in a worker thread, the event loop stays free -------
     async def _agenerate(

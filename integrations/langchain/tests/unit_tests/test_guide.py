@@ -1,8 +1,9 @@
 """Tool-call rendering, parsing and grammar segments (no model needed)."""
 
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
-from langchain_megacontext import _guide
 from langchain_megacontext.chat_models import to_item
+
+from megacontext_memory import tool_calls as _guide
 
 
 def test_parse_round_trip():

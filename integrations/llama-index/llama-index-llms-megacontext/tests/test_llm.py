@@ -2,7 +2,7 @@
 
 import pytest
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
-from llama_index.core.llms import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.llms.megacontext import MegaContextLLM
 
 BUDGET = 512
@@ -13,10 +13,10 @@ def llm(tmp_path):
     return MegaContextLLM(store=str(tmp_path), working_budget=BUDGET, max_tokens=4)
 
 
-def test_is_a_custom_llm_with_budget_as_context_window(llm):
-    assert isinstance(llm, CustomLLM)
+def test_is_a_function_calling_llm_with_budget_as_context_window(llm):
+    assert isinstance(llm, FunctionCallingLLM)
     assert llm.metadata.context_window == BUDGET
-    assert llm.metadata.is_chat_model
+    assert llm.metadata.is_chat_model and llm.metadata.is_function_calling_model
     assert llm.metadata.model_name == "SmolLM2-135M-Instruct"
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -20,12 +23,20 @@ from llama_index.core.base.llms.types import (
 )
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 
+from megacontext_memory import tool_calls
 from megacontext_memory.routing import ORIGIN, Item, Router, router_for
+
+if TYPE_CHECKING:
+    from llama_index.core.tools.types import BaseTool
 
 ROUTER_NAME, ID_PREFIX = "llamaindex", "li-"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SESSION_TAG = "megacontext_session"
+"""`additional_kwargs` key naming the session of a message read from MegaContextMemory."""
+_ONE_OFF = contextvars.ContextVar("megacontext_one_off", default=False)
 _ROLES = {
     MessageRole.SYSTEM: "system",
     MessageRole.DEVELOPER: "system",
@@ -43,10 +54,33 @@ def message_text(message: ChatMessage) -> str:
     return text if isinstance(text, str) else ""
 
 
+def message_calls(message: ChatMessage) -> list[dict]:
+    """Tool calls of an assistant message as [{"id", "name", "args"}] (ours or OpenAI's)."""
+    out = []
+    for c in message.additional_kwargs.get("tool_calls") or []:
+        if not isinstance(c, dict):
+            c = c.model_dump() if hasattr(c, "model_dump") else {}
+        fn = c.get("function") or c
+        args = fn.get("arguments", fn.get("args", {}))
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = {}
+        if isinstance(fn.get("name"), str):
+            out.append({"id": c.get("id", ""), "name": fn["name"], "args": args or {}})
+    return out
+
+
 def to_item(message: ChatMessage) -> Item | None:
     """A LlamaIndex message as the engine ingests it (None: nothing to ingest)."""
     role = _ROLES.get(message.role, "user")
     text = message_text(message)
+    if role == "assistant":
+        calls = "".join(
+            tool_calls.render_call(c["name"], c["args"]) for c in message_calls(message)
+        )
+        text = text + ("\n" if text and calls else "") + calls
     if not text.strip():
         return None
     meta: dict[str, Any] = {"li_role": str(message.role.value)}
@@ -60,12 +94,45 @@ def from_engine(role: str, content: str, meta: dict) -> ChatMessage:
     return ChatMessage(role=MessageRole(li_role), content=content)
 
 
-class MegaContextLLM(CustomLLM):
+def tagged_session(messages: Sequence[ChatMessage]) -> str | None:
+    """The session named by messages read from a memory (ValueError if several)."""
+    tags = {m.additional_kwargs.get(SESSION_TAG) for m in messages} - {None}
+    if len(tags) > 1:
+        raise ValueError(f"messages from several sessions {sorted(tags)} in one call")
+    return tags.pop() if tags else None
+
+
+def tool_rounds(messages: Sequence[ChatMessage]) -> int:
+    """Tool calls answered since the newest user message."""
+    n = 0
+    for m in reversed(messages):
+        if m.role == MessageRole.USER:
+            break
+        n += m.role == MessageRole.ASSISTANT and bool(message_calls(m))
+    return n
+
+
+@contextlib.contextmanager
+def one_off() -> Iterator[None]:
+    """Calls inside run ephemeral unless they name a session (prompts, not conversations)."""
+    token = _ONE_OFF.set(True)
+    try:
+        yield
+    finally:
+        _ONE_OFF.reset(token)
+
+
+class MegaContextLLM(FunctionCallingLLM):
     """LlamaIndex LLM backed by a MegaContext engine: unbounded memory at a fixed budget.
 
     Each call routes to an engine session and ingests only the messages it does not hold
-    yet (chat engines and agents resend the whole history every turn); `session_id` pins a
-    session. `metadata.context_window` is the working budget.
+    yet (chat engines and agents resend the whole history every turn). The session is, in
+    order: `session_id` of the call, of this object, the session of messages read from a
+    `MegaContextMemory`; otherwise an automatic session matched by content. Prompts
+    (`complete`, `predict`, structured output, condense prompts) that name no session run
+    ephemeral and leave nothing behind; `ephemeral=True` does the same for chats.
+    Tools are described to the model and calls decoded under their JSON schema, so
+    `FunctionAgent` and `AgentWorkflow` work. `metadata.context_window` is the budget.
 
     ```python
     from llama_index.llms.megacontext import MegaContextLLM
@@ -83,12 +150,24 @@ class MegaContextLLM(CustomLLM):
     device: str | None = Field(default=None)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     session_id: str | None = Field(default=None, description="Pin calls to this session.")
+    ephemeral: bool = Field(
+        default=False, description="Chats that name no session run in a throwaway session."
+    )
     max_tokens: int = Field(default=256, description="Tokens per reply.")
     temperature: float = Field(default=0.0)
     top_p: float = Field(default=1.0)
     stop: list[str] | None = Field(default=None)
     seed: int | None = Field(default=None)
     system_refresh_tokens: int | None = Field(default=None)
+    tool_call_threshold: float = Field(
+        default=0.004,
+        description="Open a tool call when the model's first-step probability of it is at "
+        "least this (tools bound, no forced choice).",
+    )
+    max_string_tokens: int = Field(default=24, description="Tokens per string tool argument.")
+    max_tool_rounds: int = Field(
+        default=1, description="Tool calls per user turn before the model must answer."
+    )
 
     @classmethod
     def class_name(cls) -> str:
@@ -104,7 +183,7 @@ class MegaContextLLM(CustomLLM):
             context_window=self.working_budget,
             num_output=self.max_tokens,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=True,
             model_name=self.model_name,
         )
 
@@ -118,24 +197,69 @@ class MegaContextLLM(CustomLLM):
         return self.router.engine
 
     # ---- the turn -------------------------------------------------------------------------
+    def _session_for(self, messages: Sequence[ChatMessage], kwargs: dict) -> str | None:
+        named = kwargs.get("session_id") or self.session_id
+        tagged = tagged_session(messages)
+        if named and tagged and named != tagged:
+            raise ValueError(
+                f"this call is for session {named!r} but its messages come from the memory "
+                f"of session {tagged!r}"
+            )
+        return named or tagged
+
     def _turn(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[tuple[str, Any]]:
+        """Yields ("call" | "text", ""), ("text", piece)..., then ("done", (text, calls, info))."""
         engine = self.engine
+        tools = kwargs.get("tools") or []
+        tool_choice = kwargs.get("tool_choice")
+        answering = bool(messages) and messages[-1].role == MessageRole.TOOL
+        if (
+            answering
+            and tool_choice in (None, "auto")
+            and tool_rounds(messages) >= self.max_tool_rounds
+        ):
+            tool_choice = "none"
         items = [it for it in (to_item(m) for m in messages) if it is not None]
         for it in items:
             if it.role == "system":
                 it.metadata[ORIGIN] = "prompt-system"
+        extra = []
+        if tools:
+            prompt = tool_calls.tools_prompt(tools)
+            extra.append(Item("system", prompt, {ORIGIN: "tools"}, "tools"))
         max_new = int(kwargs.get("max_tokens") or self.max_tokens)
-        sid = kwargs.get("session_id") or self.session_id
-        with self.router.turn(items, sid, (), self.system_refresh_tokens) as turn:
+        stop = list(kwargs.get("stop") or self.stop or [])
+        sid = self._session_for(messages, kwargs)
+        ephemeral = bool(kwargs.get("ephemeral", self.ephemeral or _ONE_OFF.get()))
+        with self.router.turn(items, sid, extra, self.system_refresh_tokens, ephemeral) as turn:
             session = turn.session
+            prefix, proc = "", None
+            calls_allowed = bool(tools) and tool_choice != "none"
+            if calls_allowed:
+                base = engine.base
+                vocab = tool_calls.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
+                prefix, proc, allowance = tool_calls.plan(
+                    tools,
+                    tool_choice,
+                    self.tool_call_threshold,
+                    vocab,
+                    self.max_string_tokens,
+                    max_new,
+                )
+                max_new = max(max_new, allowance)
+                stop = [] if prefix else stop
+            yield "call" if prefix else "text", ""
             room = self.working_budget - session.config.recent_raw - 2 * 32 - 16
+            max_new = max(1, min(max_new, room))
             pieces = session.generate(
-                max(1, min(max_new, room)),
+                max_new,
                 stream=True,
                 temperature=float(kwargs.get("temperature", self.temperature)),
                 top_p=float(kwargs.get("top_p", self.top_p)),
-                stop=list(kwargs.get("stop") or self.stop or []),
+                stop=stop,
                 seed=kwargs.get("seed", self.seed),
+                prefix=prefix,
+                logits_processor=proc,
             )
             out: list[str] = []
             try:
@@ -145,92 +269,184 @@ class MegaContextLLM(CustomLLM):
             finally:
                 pieces.close()
                 text = "".join(out)
-                turn.commit_reply(Item("assistant", text))
+                content, calls = text, []
+                if calls_allowed or tool_calls.OPEN in text:
+                    content, parsed = tool_calls.parse_calls(text)
+                    calls = [
+                        {"id": tool_calls.call_id(turn.head, i), **c} for i, c in enumerate(parsed)
+                    ]
+                turn.commit_reply(to_item(_reply(content, calls)))
             tel = session.telemetry[-1]
-            n_out = len(engine.base.encode(text)) if text else 0
+            n_out = len(engine.base.encode(text[len(prefix) :])) if text else 0
             n_in = tel.prefill_tokens + tel.reused_prefix
-            info = {
-                "model_name": engine.base.name,
-                "session_id": session.id,
+            usage = {
                 "prompt_tokens": n_in,
                 "completion_tokens": n_out,
                 "total_tokens": n_in + n_out,
                 "cached_tokens": tel.reused_prefix,
+            }
+            info = {
+                "model_name": engine.base.name,
+                "session_id": session.id,
+                "usage": usage,
+                **usage,
                 "prefill_tokens": tel.prefill_tokens,
                 "positions_used": tel.positions_used,
                 "history_tokens": session.token_count(),
                 "ingested_messages": len(turn.ingested),
+                "finish_reason": "tool_calls"
+                if calls
+                else ("length" if n_out >= max_new else "stop"),
             }
-        yield "done", (text, info)
+        yield "done", (content, calls, info)
 
-    def _response(self, text: str, info: dict, delta: str | None = None) -> ChatResponse:
-        return ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
-            delta=delta,
-            raw=info,
-            additional_kwargs=dict(info),
-        )
+    @staticmethod
+    def _response(
+        content: str, calls: list[dict], info: dict, delta: str | None = None
+    ) -> ChatResponse:
+        return ChatResponse(message=_reply(content, calls), delta=delta, raw=info)
 
-    @llm_chat_callback()
-    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+    def _chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         result = None
         for kind, value in self._turn(messages, kwargs):
             if kind == "done":
                 result = value
         return self._response(*result)
 
+    def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        """Text streams piece by piece; a tool call comes whole in the last response."""
+        text, held, streaming, calling = "", "", False, False
+        for kind, value in self._turn(messages, kwargs):
+            if kind == "call":
+                calling = True
+            elif kind == "text" and not calling:
+                held += value
+                lead = held.lstrip()
+                if not streaming and (not lead or tool_calls.OPEN.startswith(lead)):
+                    continue
+                if not streaming and lead.startswith(tool_calls.OPEN):
+                    calling = True
+                    continue
+                streaming = True
+                if held:
+                    text += held
+                    yield self._response(text, [], {}, delta=held)
+                    held = ""
+            elif kind == "done":
+                content, calls, info = value
+                yield self._response(content, calls, info, delta="" if streaming else content)
+
+    # ---- LlamaIndex API: each public call emits its events once --------------------------
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, **kwargs)
+
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        def gen() -> ChatResponseGen:
-            text = ""
-            for kind, value in self._turn(messages, kwargs):
-                if kind == "text":
-                    text += value
-                    yield self._response(text, {}, delta=value)
-                else:
-                    yield self._response(value[0], value[1], delta="")
+        return self._stream_chat(messages, **kwargs)
 
-        return gen()
+    def _complete(self, prompt: str, **kwargs: Any) -> CompletionResponse:
+        with one_off():
+            r = self._chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
+        return CompletionResponse(text=r.message.content or "", raw=r.raw)
+
+    def _stream_complete(self, prompt: str, **kwargs: Any) -> CompletionResponseGen:
+        with one_off():
+            for r in self._stream_chat(
+                [ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs
+            ):
+                yield CompletionResponse(text=r.message.content or "", delta=r.delta, raw=r.raw)
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        r = self.chat([ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs)
-        return CompletionResponse(text=r.message.content or "", raw=r.raw)
+        return self._complete(prompt, **kwargs)
 
     @llm_completion_callback()
     def stream_complete(
         self, prompt: str, formatted: bool = False, **kwargs: Any
     ) -> CompletionResponseGen:
-        def gen() -> CompletionResponseGen:
-            for r in self.stream_chat(
-                [ChatMessage(role=MessageRole.USER, content=prompt)], **kwargs
-            ):
-                yield CompletionResponse(text=r.message.content or "", delta=r.delta, raw=r.raw)
+        return self._stream_complete(prompt, **kwargs)
 
-        return gen()
+    def predict(self, *args: Any, **kwargs: Any) -> str:
+        with one_off():
+            return super().predict(*args, **kwargs)
+
+    async def apredict(self, *args: Any, **kwargs: Any) -> str:
+        with one_off():
+            return await super().apredict(*args, **kwargs)
+
+    def structured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        with one_off():
+            return super().structured_predict(*args, **kwargs)
+
+    async def astructured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        with one_off():
+            return await super().astructured_predict(*args, **kwargs)
 
     # ---- native async: the engine runs in a worker thread -------------------------------
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
+        return await asyncio.to_thread(self._chat, messages, **kwargs)
 
     @llm_chat_callback()
     async def astream_chat(
         self, messages: Sequence[ChatMessage], **kwargs: Any
     ) -> ChatResponseAsyncGen:
-        return _threaded(lambda: self.stream_chat(messages, **kwargs))
+        return _threaded(lambda: self._stream_chat(messages, **kwargs))
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any):
-        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+        return await asyncio.to_thread(self._complete, prompt, **kwargs)
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any):
-        return _threaded(lambda: self.stream_complete(prompt, formatted, **kwargs))
+        return _threaded(lambda: self._stream_complete(prompt, **kwargs))
+
+    # ---- function calling -----------------------------------------------------------------
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        choice = kwargs.pop("tool_choice", None)
+        return {
+            "messages": messages,
+            "tools": [t.metadata.to_openai_tool() for t in tools],
+            "tool_choice": "any" if tool_required and choice is None else choice,
+            **kwargs,
+        }
+
+    def get_tool_calls_from_response(
+        self, response: ChatResponse, error_on_no_tool_call: bool = True, **kwargs: Any
+    ) -> list[ToolSelection]:
+        calls = message_calls(response.message)
+        if not calls and error_on_no_tool_call:
+            raise ValueError(f"expected a tool call, got {response.message.content!r}")
+        return [
+            ToolSelection(tool_id=c["id"], tool_name=c["name"], tool_kwargs=c["args"])
+            for c in calls
+        ]
+
+
+def _reply(content: str, calls: list[dict]) -> ChatMessage:
+    kwargs = {"tool_calls": [{"id": c["id"], "name": c["name"], "args": c["args"]} for c in calls]}
+    return ChatMessage(
+        role=MessageRole.ASSISTANT, content=content, additional_kwargs=kwargs if calls else {}
+    )
 
 
 async def _threaded(make_iter) -> AsyncIterator[Any]:
-    """Run a blocking iterator in a worker thread; yield its items on the event loop."""
+    """Run a blocking iterator in a worker thread (in this context); yield on the loop."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
@@ -246,7 +462,7 @@ async def _threaded(make_iter) -> AsyncIterator[Any]:
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
 
-    worker = loop.run_in_executor(None, work)
+    worker = loop.run_in_executor(None, contextvars.copy_context().run, work)
     try:
         while True:
             kind, value = await queue.get()

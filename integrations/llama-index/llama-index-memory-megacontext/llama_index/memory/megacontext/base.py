@@ -9,7 +9,13 @@ from typing import Any
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field
 from llama_index.core.memory.types import BaseMemory
-from llama_index.llms.megacontext.base import ID_PREFIX, ROUTER_NAME, from_engine, to_item
+from llama_index.llms.megacontext.base import (
+    ID_PREFIX,
+    ROUTER_NAME,
+    SESSION_TAG,
+    from_engine,
+    to_item,
+)
 
 from megacontext_memory.routing import (
     ORIGIN,
@@ -26,8 +32,9 @@ class MegaContextMemory(BaseMemory):
 
     Agent workflows copy or drop memory objects between runs; any MegaContextMemory with
     the same `store` and `session_id` (in this or another process) sees the same history.
-    With MegaContextLLM on the same store, messages the LLM already ingested during a turn
-    are recognised when the chat engine puts them, and not stored twice.
+    Messages read from it name their session (`additional_kwargs`), so MegaContextLLM runs
+    a prompt built from them in this session and no other; messages the LLM ingested during
+    a turn are recognised when the chat engine or agent puts them, and not stored twice.
 
     ```python
     from llama_index.memory.megacontext import MegaContextMemory
@@ -64,12 +71,12 @@ class MegaContextMemory(BaseMemory):
         llm: Any = None,
         **kwargs: Any,
     ) -> MegaContextMemory:
-        """A memory for `session_id`; with `llm` a MegaContextLLM, its store and budget are
-        reused. `chat_history` is appended to the session if given."""
+        """A memory for `session_id`; with `llm` a MegaContextLLM, it shares the LLM's
+        engine (store and every engine setting). `chat_history` is appended if given."""
         if llm is not None and llm.__class__.__name__ == "MegaContextLLM":
             store = store or llm.store
-            kwargs.setdefault("working_budget", llm.working_budget)
-            kwargs.setdefault("model", llm.model)
+            for name in ("working_budget", "model", "device", "engine_kwargs"):
+                kwargs.setdefault(name, getattr(llm, name))
         if store is not None:
             kwargs["store"] = store
         memory = cls(session_id=session_id, **kwargs)
@@ -95,7 +102,9 @@ class MegaContextMemory(BaseMemory):
         for role, content, meta in merged_messages(self.engine.session(self.session_id)):
             if meta.get(ORIGIN) in HIDDEN:
                 continue
-            out.append(from_engine(role, content, meta))
+            message = from_engine(role, content, meta)
+            message.additional_kwargs[SESSION_TAG] = self.session_id
+            out.append(message)
         return out
 
     def get(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
@@ -120,18 +129,19 @@ class MegaContextMemory(BaseMemory):
         self.router.add(self.session_id, items)
 
     def set(self, messages: list[ChatMessage]) -> None:
-        """Replace the history with `messages` (unchanged if it already equals them)."""
-        current = [to_item(m) for m in self.get_all()]
-        wanted = [to_item(m) for m in messages]
-        if [(i.role, i.text) for i in current if i] == [(i.role, i.text) for i in wanted if i]:
-            return
-        self.reset()
-        self.put_messages(messages)
+        """Make the history `messages`, never by deleting any of it: a list that continues
+        the session (holds its newest messages) appends what is new; any other list raises
+        ValueError (call reset() first to start over)."""
+        items = [it for it in (to_item(m) for m in messages) if it is not None]
+        if self.router.extend(self.session_id, items) is None:
+            raise ValueError(
+                f"set() would replace the stored history of session {self.session_id!r}; "
+                "the history is durable: call reset() first to delete it"
+            )
 
     def reset(self) -> None:
-        with self.router.lock(self.session_id):
-            self.engine.delete_session(self.session_id)
-            self.router.forget(self.session_id)
+        """Delete the session's history from the store."""
+        self.router.discard(self.session_id)
 
     # ---- async: the store is blocking I/O, so run it off the event loop -----------------
     async def aget(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
