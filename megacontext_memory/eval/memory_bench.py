@@ -1,0 +1,486 @@
+"""`megacontext bench memory`: recall of confusable, updated facts as the history grows.
+
+Every system hands the same frozen reader (the engine's base model) the same system prompt,
+question and chat template under the same `working_budget`, and differs only in what it
+shows of the history (see `eval/tasks.py` for the tasks):
+
+  oracle       only the messages that state a fact of the asked-about family (the ceiling)
+  full         the whole history, where it fits the model's trained context
+  truncation   the newest messages that fit the budget
+  rag          top-k FAISS chunks (all-MiniLM-L6-v2) in time order, then the newest messages
+  megacontext  the engine, once per available scorer (gists + focus under the budget)
+
+A reply is correct when it names the latest value (any accepted form) and none of the
+distractors (the siblings' values, the superseded value); `answer_mentioned` counts replies
+that name it at all. Tune RAG on dev only (`--chunk-tokens 64 128 --k 2 4 --split dev`
+runs the grid); a grid on the test split is refused.
+
+    megacontext bench memory --quick
+    megacontext bench memory --split test --sizes 2000 8000 32000 128000 --out runs/mem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+from ..baselines import SYSTEM_PROMPT, newest_that_fit, prompt_ids, read
+from ..config import Config
+from .tasks import BENCH_SPLITS, SIZES, Task, TaskGenerator, mentions, reader_counter
+
+QUICK = {2000: 3, 8000: 2}  # tasks per size with --quick
+TASKS_PER_SIZE = 24
+MAX_NEW_TOKENS = 32
+SCORER_CANDIDATES = ("heuristic", "lensnet")
+
+
+def available_scorers() -> list[str]:
+    """The scorers the engine's config accepts today."""
+    ok = []
+    for name in SCORER_CANDIDATES:
+        try:
+            Config(scorer=name)
+        except ValueError:
+            continue
+        ok.append(name)
+    return ok
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson interval of k successes in n (sensible at 0/n and n/n, unlike p +- 2se)."""
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, '-dirty' when its package has changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "megacontext_memory"], cwd=root
+        ).returncode
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + ("-dirty" if head and dirty else "")
+
+
+@dataclass
+class Answer:
+    reply: str
+    positions: int  # positions the reader saw before its reply
+    turn_s: float  # from the question to the end of the reply
+    ingest_s: float | None = None  # building the memory from the history (None: no index)
+
+
+class Bench:
+    """Runs every system on a task; holds the reader, the engines and a scratch store."""
+
+    def __init__(
+        self,
+        systems: list[str],
+        budget: int,
+        rag_grid: list[tuple[int, int]],
+        scorers: list[str],
+        scratch: Path,
+        device: str | None = None,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ):
+        from .. import MegaContextEngine
+
+        self.budget, self.max_new, self.scratch = budget, max_new_tokens, scratch
+        self.engines = {}
+        if "megacontext" in systems:
+            for name, scorer in self._megacontext_names(scorers).items():
+                store = scratch / f"engine-{scorer}"
+                self.engines[name] = MegaContextEngine(
+                    store=store, working_budget=budget, device=device, scorer=scorer
+                )
+        engine = next(iter(self.engines.values()), None)
+        engine = engine or MegaContextEngine(store=scratch / "reader", working_budget=budget)
+        self.base = engine.base
+        self.count = reader_counter(self.base)
+        self.limit = self.base.model.config.max_position_embeddings
+        self.rag_grid = rag_grid
+        self.runners: dict[str, Callable[[Task], Answer | None]] = {}
+        for name in ("oracle", "full", "truncation"):
+            if name in systems:
+                self.runners[name] = getattr(self, name)
+        self.settings: dict[str, dict] = {}
+        if "rag" in systems:
+            for c, k in rag_grid:
+                name = "rag" if len(rag_grid) == 1 else f"rag-c{c}-k{k}"
+                self.settings[name] = {"chunk_tokens": c, "k": k}
+        for name in self.engines:
+            self.settings[name] = {"scorer": self.engines[name].config.scorer}
+
+    @staticmethod
+    def _megacontext_names(scorers: list[str]) -> dict[str, str]:
+        default = Config().scorer
+        return {("megacontext" if s == default else f"megacontext-{s}"): s for s in scorers}
+
+    @property
+    def systems(self) -> list[str]:
+        return [*self.runners, *(n for n in self.settings if n.startswith("rag")), *self.engines]
+
+    # ---- the raw-context systems ---------------------------------------------------------
+    def _ask(self, messages: list[tuple[str, str]], task: Task, t0: float) -> Answer:
+        ids = prompt_ids(self.base, [("system", SYSTEM_PROMPT), *messages, ("user", task.question)])
+        reply = read(self.base, ids, self.max_new)
+        return Answer(reply, len(ids), time.perf_counter() - t0)
+
+    def _frame(self, task: Task) -> int:
+        """Tokens of the system prompt, the question and the reply's prompt."""
+        return len(prompt_ids(self.base, [("system", SYSTEM_PROMPT), ("user", task.question)]))
+
+    def _room(self, task: Task) -> int:
+        """Tokens of history that fit the budget beside the frame and the reply."""
+        return self.budget - self.max_new - self._frame(task)
+
+    def oracle(self, task: Task) -> Answer:
+        t0 = time.perf_counter()
+        return self._ask([task.messages[i] for i in task.fact_indices], task, t0)
+
+    def full(self, task: Task) -> Answer | None:
+        if task.tokens + self._frame(task) + self.max_new > self.limit:
+            return None  # past the model's trained context
+        return self._ask(list(task.messages), task, time.perf_counter())
+
+    def truncation(self, task: Task) -> Answer:
+        t0 = time.perf_counter()
+        lengths = [self.count(r, t) for r, t in task.messages]
+        start = newest_that_fit(lengths, self._room(task))
+        return self._ask(list(task.messages[start:]), task, t0)
+
+    def rag(self, task: Task) -> dict[str, Answer]:
+        """Every RAG setting of the grid; one index per chunk size serves every k."""
+        from ..baselines.rag import RagMemory
+
+        out = {}
+        for c in sorted({c for c, _ in self.rag_grid}):
+            memory = RagMemory(self.scratch / "rag" / f"{task.id}-c{c}", chunk_tokens=c)
+            t0 = time.perf_counter()
+            memory.extend(task.messages)
+            ingest = time.perf_counter() - t0
+            for name, s in self.settings.items():
+                if name.startswith("rag") and s["chunk_tokens"] == c:
+                    t0 = time.perf_counter()
+                    shown = memory.context(task.question, self._room(task), self.count, s["k"])
+                    out[name] = self._ask(shown, task, t0)
+                    out[name].ingest_s = ingest
+            memory.delete()
+        return out
+
+    def megacontext(self, name: str, task: Task) -> Answer:
+        engine = self.engines[name]
+        session = engine.session(task.id)
+        history = [("system", SYSTEM_PROMPT), *task.messages]
+        t0 = time.perf_counter()
+        if hasattr(session, "extend"):
+            session.extend(history)
+        else:
+            for role, text in history:
+                session.append(role, text)
+        ingest = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        session.append("user", task.question)
+        reply = session.generate(max_new_tokens=self.max_new)
+        turn = time.perf_counter() - t0
+        prompt = len(self.base.encode(self.base.generation_prompt()))
+        answer = Answer(reply, session.telemetry[-1].positions_used + prompt, turn, ingest)
+        engine.delete_session(task.id)
+        return answer
+
+    def run(self, task: Task) -> dict[str, Answer | None]:
+        answers: dict[str, Answer | None] = {n: f(task) for n, f in self.runners.items()}
+        if any(n.startswith("rag") for n in self.settings):
+            answers.update(self.rag(task))
+        for name in self.engines:
+            answers[name] = self.megacontext(name, task)
+        return answers
+
+
+def row(task: Task, system: str, a: Answer | None) -> dict:
+    out = {
+        "task": task.id,
+        "size": task.size,
+        "system": system,
+        "tokens": task.tokens,
+        "tokens_back": task.tokens_back,
+        "kind": task.kind,
+        "updated": task.updated,
+    }
+    if a is None:
+        return out | {"skipped": "history longer than the model's context"}
+    hit, wrong = mentions(a.reply, task.answers), mentions(a.reply, task.distractors)
+    return out | {
+        "reply": a.reply,
+        "correct": hit and not wrong,
+        "answer_mentioned": hit,
+        "distractor_mentioned": wrong,
+        "positions": a.positions,
+        "turn_s": round(a.turn_s, 3),
+        "ingest_s": None if a.ingest_s is None else round(a.ingest_s, 3),
+    }
+
+
+def summarize(rows: list[dict], systems: list[str], sizes: list[int]) -> dict:
+    """Per system and size: accuracy with its 95% interval, n, and cost figures."""
+    out: dict[str, dict] = {}
+    for system in systems:
+        out[system] = {}
+        for size in sizes:
+            sel = [r for r in rows if r["system"] == system and r["size"] == size]
+            done = [r for r in sel if "correct" in r]
+            if not done:
+                if sel:
+                    out[system][str(size)] = {"accuracy": None, "n": 0, "note": sel[0]["skipped"]}
+                continue
+            k, n = sum(r["correct"] for r in done), len(done)
+            ingest = [r["ingest_s"] for r in done if r["ingest_s"] is not None]
+            out[system][str(size)] = {
+                "accuracy": round(k / n, 4),
+                "ci95": wilson(k, n),
+                "n": n,
+                "correct": k,
+                "answer_mentioned": round(sum(r["answer_mentioned"] for r in done) / n, 4),
+                "history_tokens": round(statistics.mean(r["tokens"] for r in done)),
+                "positions_used": round(statistics.mean(r["positions"] for r in done)),
+                "turn_latency_s": round(statistics.median(r["turn_s"] for r in done), 3),
+                "ingest_tokens_per_s": (
+                    round(sum(r["tokens"] for r in done) / sum(ingest)) if ingest else None
+                ),
+                "seconds": round(sum(r["turn_s"] + (r["ingest_s"] or 0) for r in done), 1),
+            }
+    return out
+
+
+def table(result: dict) -> str:
+    """Accuracy per system (rows) and size (columns), then positions, latency and ingest."""
+    sizes = sorted({int(s) for cells in result["systems"].values() for s in cells})
+    head = f"{'system':<22}" + "".join(f"{f'{s:,}':>20}" for s in sizes)
+    lines = [
+        f"memory bench, split {result['split']}, reader {result['reader']}, "
+        f"working_budget {result['working_budget']}, commit {result['commit']}",
+        "accuracy [95% CI] (n)",
+        head,
+    ]
+    for system, cells in result["systems"].items():
+        line = f"{system:<22}"
+        for s in sizes:
+            c = cells.get(str(s))
+            if c is None:
+                text = ""
+            elif c["accuracy"] is None:
+                text = "n/a"
+            else:
+                lo, hi = c["ci95"]
+                text = f"{c['accuracy']:.2f} [{lo:.2f},{hi:.2f}] ({c['n']})"
+            line += f"{text:>20}"
+        lines.append(line)
+    lines += ["", "positions used / median turn latency (s) / ingest tokens per s", head]
+    for system, cells in result["systems"].items():
+        line = f"{system:<22}"
+        for s in sizes:
+            c = cells.get(str(s))
+            text = ""
+            if c and c["accuracy"] is not None:
+                rate = c["ingest_tokens_per_s"]
+                text = (
+                    f"{c['positions_used']} / {c['turn_latency_s']:.2f} / {rate if rate else '-'}"
+                )
+            line += f"{text:>20}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Accuracy vs history length per system, with 95% intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (system, cells) in enumerate(result["systems"].items()):
+        pts = sorted(
+            (int(s), c["accuracy"], c["ci95"])
+            for s, c in cells.items()
+            if c["accuracy"] is not None
+        )
+        if not pts:
+            continue
+        xs = [x * (1 + 0.03 * (i - 2)) for x, _, _ in pts]  # a small offset keeps bars apart
+        ys = [y for _, y, _ in pts]
+        err = [[y - lo for _, y, (lo, _) in pts], [hi - y for _, y, (_, hi) in pts]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=system)
+    ax.set_xscale("log")
+    ax.set_xlabel("history length (tokens)")
+    ax.set_ylabel("accuracy (95% interval)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(
+        f"confusable-fact recall, {result['split']} split, budget {result['working_budget']}"
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(
+    split: str,
+    sizes: list[int],
+    tasks_per_size: dict[int, int],
+    systems: list[str],
+    out: Path,
+    budget: int = 1024,
+    rag_grid: list[tuple[int, int]] | None = None,
+    scorers: list[str] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    device: str | None = None,
+) -> dict:
+    """Run the benchmark; `out` gets rows.jsonl (one line per reply, as they come),
+    memory_bench.json (rewritten after every task) and memory_bench.png."""
+    from ..baselines.rag import CHUNK_TOKENS, TOP_K
+
+    rag_grid = rag_grid or [(CHUNK_TOKENS, TOP_K)]
+    if split == "test" and len(rag_grid) > 1:
+        raise ValueError("a RAG grid is tuning: run it on --split dev, never on test")
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    kept = {}  # (task, system) -> the newest row: a resumed task may have been run twice
+    if resume and rows_path.exists():
+        for line in rows_path.open():
+            r = json.loads(line)
+            kept[r["task"], r["system"]] = r
+    else:
+        rows_path.write_text("")
+    rows, done = list(kept.values()), set(kept)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mc-memory-bench-") as scratch:
+        bench = Bench(
+            systems, budget, rag_grid, scorers or available_scorers(), Path(scratch), device
+        )
+        gen = TaskGenerator(split, bench.count, seed)
+        result = {}
+
+        def write() -> None:
+            nonlocal result
+            result = {
+                "systems": summarize(rows, bench.systems, sizes),
+                "reader": bench.base.name,
+                "working_budget": budget,
+                "split": split,
+                "commit": git_commit(),
+                "seed": seed,
+                "tasks_per_size": {str(s): tasks_per_size[s] for s in sizes},
+                "max_new_tokens": bench.max_new,
+                "settings": bench.settings,
+                "elapsed_s": round(time.perf_counter() - t_start, 1),
+            }
+            (out / "memory_bench.json").write_text(json.dumps(result, indent=2))
+
+        for size in sizes:
+            for i in range(tasks_per_size[size]):
+                task = gen.task(size, i)
+                if all((task.id, s) in done for s in bench.systems):
+                    continue
+                t0 = time.perf_counter()
+                for system, answer in bench.run(task).items():
+                    r = row(task, system, answer)
+                    rows.append(r)
+                    with rows_path.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                marks = " ".join(
+                    f"{r['system']}:{'+' if r.get('correct') else '-'}"
+                    for r in rows
+                    if r["task"] == task.id
+                )
+                print(f"{task.id} ({time.perf_counter() - t0:.0f}s) {marks}", file=sys.stderr)
+                write()
+            write()
+            plot(result, out / "memory_bench.png")
+    return result
+
+
+def _grid(values: list[int] | None, default: int) -> list[int]:
+    return values if values else [default]
+
+
+def bench_memory_main(argv: list[str] | None = None) -> int:
+    from ..baselines.rag import CHUNK_TOKENS, TOP_K
+
+    p = argparse.ArgumentParser(
+        prog="megacontext bench memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true", help="2k and 8k, a few tasks (< 5 min, CPU)")
+    p.add_argument("--sizes", type=int, nargs="+", help=f"history lengths (default {SIZES})")
+    p.add_argument("--tasks", type=int, help=f"tasks per size (default {TASKS_PER_SIZE})")
+    p.add_argument("--split", choices=BENCH_SPLITS, default="test")
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        default=["oracle", "full", "truncation", "rag", "megacontext"],
+        choices=["oracle", "full", "truncation", "rag", "megacontext"],
+    )
+    p.add_argument("--scorers", nargs="+", help="megacontext scorers (default: all available)")
+    p.add_argument("--chunk-tokens", type=int, nargs="+", help=f"RAG (default {CHUNK_TOKENS})")
+    p.add_argument("--k", type=int, nargs="+", help=f"RAG chunks retrieved (default {TOP_K})")
+    p.add_argument("--budget", type=int, default=1024, help="working budget of every system")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: automatic)")
+    p.add_argument("--out", default="memory-bench", help="folder for rows, JSON and PNG")
+    p.add_argument("--resume", action="store_true", help="keep the replies already in --out")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = p.parse_args(argv)
+    if args.quick:
+        sizes = args.sizes or list(QUICK)
+        per_size = {s: args.tasks or QUICK.get(s, 2) for s in sizes}
+    else:
+        sizes = args.sizes or list(SIZES)
+        per_size = dict.fromkeys(sizes, args.tasks or TASKS_PER_SIZE)
+    grid = list(product(_grid(args.chunk_tokens, CHUNK_TOKENS), _grid(args.k, TOP_K)))
+    try:
+        result = run(
+            args.split,
+            sizes,
+            per_size,
+            args.systems,
+            Path(args.out),
+            args.budget,
+            grid,
+            args.scorers,
+            args.seed,
+            args.resume,
+            args.device,
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+        print(f"\nrows, JSON and plot in {args.out}/")
+    return 0

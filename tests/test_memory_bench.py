@@ -1,0 +1,112 @@
+"""The memory benchmark: seeded tasks, disjoint dev/test splits, answer matching, and
+`megacontext bench memory --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from megacontext_memory.cli import main
+from megacontext_memory.eval.memory_bench import wilson
+from megacontext_memory.eval.tasks import TEMPLATES, TaskGenerator, bench_split, mentions, score
+
+
+def words(role: str, text: str) -> int:
+    """A cheap stand-in for the reader's tokenizer: tasks only need a consistent measure."""
+    return len(text.split()) + 4
+
+
+@pytest.fixture(scope="module")
+def generators():
+    return {s: TaskGenerator(s, words) for s in ("dev", "test")}
+
+
+def test_tasks_are_seeded(generators):
+    a = generators["test"].task(2000, 5)
+    assert a == TaskGenerator("test", words).task(2000, 5)
+    assert a != generators["test"].task(2000, 6)
+    assert a != TaskGenerator("test", words, seed=1).task(2000, 5)
+
+
+def test_task_shape(generators):
+    tasks = generators["test"].tasks(8000, 14)
+    assert {t.kind for t in tasks} == {tpl.kind for tpl in TEMPLATES}
+    assert any(t.updated for t in tasks) and not all(t.updated for t in tasks)
+    for t in tasks:
+        assert 7000 < t.tokens <= 8000
+        assert 2 <= len(t.siblings) <= 3 and t.entity not in t.siblings
+        assert t.entity in t.question
+        assert len(t.fact_indices) == len(t.siblings) + 1 + t.updated
+        facts = [t.messages[i][1] for i in t.fact_indices]
+        # The answer is stated in the newest fact about the entity; siblings share a template.
+        newest = [f for f in facts if re.search(rf"\b{t.entity}\b", f)][-1]
+        assert mentions(newest, t.answers) and not mentions(newest, t.distractors)
+        assert all(mentions(f, t.answers + t.distractors) for f in facts)
+        assert t.tokens_back >= 0.1 * t.tokens
+        assert all(len(text.split()) <= 200 for _, text in t.messages)
+
+
+def test_dev_and_test_share_no_names_values_or_filler(generators):
+    seen = {}
+    for split, gen in generators.items():
+        tasks = [gen.task(size, i) for size in (2000, 32000) for i in range(24)]
+        seen[split] = {
+            "names": {n for t in tasks for n in (t.entity, *t.siblings)},
+            "values": {v for t in tasks for v in t.values},
+            "filler": {k for t in tasks for k in t.filler},
+        }
+        assert all(bench_split("name", n) == split for n in seen[split]["names"])
+        assert all(bench_split("doc", k) == split for k in seen[split]["filler"])
+    for kind in ("names", "values", "filler"):
+        assert seen["dev"][kind] and seen["test"][kind]
+        assert not seen["dev"][kind] & seen["test"][kind], kind
+
+
+def test_answer_matching():
+    answers = ("March 14", "14 March", "Mar 14", "March 14th", "14th of March")
+    others = ("March 1", "1 March", "Mar 1", "March 1st", "1st of March")
+    assert score("The deadline is March 14.", answers, others)
+    assert score("It's the 14th of march", answers, others)
+    assert not score("March 1", answers, others)  # 'March 1' must not match inside 'March 14'
+    assert not score("March 1 or March 14", answers, others)  # hedging is not an answer
+    assert not score("I don't know.", answers, others)
+    assert score("The budget is $48,500.", ("48,500", "48500"), ("8,500",))
+    assert score("Code: KX4821", ("KX-4821", "KX4821"), ("KX-4812",))
+
+
+def test_wilson_interval():
+    assert wilson(0, 8)[0] == 0.0 and 0.3 < wilson(0, 8)[1] < 0.4
+    lo, hi = wilson(12, 24)
+    assert lo < 0.5 < hi and round(lo + hi, 3) == 1.0
+
+
+def test_tuning_on_test_is_refused(capsys):
+    argv = ["bench", "memory", "--split", "test", "--chunk-tokens", "64", "128"]
+    assert main(argv) == 2
+    assert "dev" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "memory", "--quick", "--json", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"reader", "working_budget", "split", "commit"} <= set(result)
+    assert result["working_budget"] == 1024 and result["split"] == "test"
+    systems = result["systems"]
+    assert {"oracle", "full", "truncation", "rag", "megacontext"} <= set(systems)
+    for cells in systems.values():
+        for size in ("2000", "8000"):
+            c = cells[size]
+            assert c["n"] >= 2 and 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
+            assert c["positions_used"] <= 1024 or cells is systems["full"]
+    assert systems["rag"]["2000"]["ingest_tokens_per_s"] > 0
+    assert systems["megacontext"]["8000"]["ingest_tokens_per_s"] > 0
+    png = out / "memory_bench.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (out / "rows.jsonl").open()]
+    assert len(rows) == 5 * sum(
+        json.loads((out / "memory_bench.json").read_text())["tasks_per_size"].values()
+    )
