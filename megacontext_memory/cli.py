@@ -20,6 +20,11 @@ DELEGATED = {
     "reindex": ("store.transfer", "reindex_main", "re-gist every session with the current GistNet"),
     "export": ("store.transfer", "export_main", "write a session's messages as JSONL"),
     "import": ("store.transfer", "import_main", "load a JSONL session, rebuilding its tree"),
+    "bench memory": (
+        "eval.memory_bench",
+        "bench_memory_main",
+        "recall of confusable facts as history grows: MegaContext vs RAG and baselines",
+    ),
 }
 
 
@@ -207,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in DELEGATED:
-        module, func, _ = DELEGATED[argv[0]]
+    words = 2 if " ".join(argv[:2]) in DELEGATED else 1  # two-word commands: "bench memory"
+    if argv and " ".join(argv[:words]) in DELEGATED:
+        module, func, _ = DELEGATED[" ".join(argv[:words])]
         mod = importlib.import_module(f"megacontext_memory.{module}")
-        return int(getattr(mod, func)(argv[1:]) or 0)
+        return int(getattr(mod, func)(argv[words:]) or 0)
     args = build_parser().parse_args(argv)
     if args.store is not None:
         args.store = str(Path(args.store))
