@@ -359,7 +359,8 @@ def run(
     device: str | None = None,
 ) -> dict:
     """Run the benchmark; `out` gets rows.jsonl (one line per reply, as they come),
-    memory_bench.json (rewritten after every task) and memory_bench.png."""
+    memory_bench.json (rewritten after every task) and memory_bench.png. With `resume`, the
+    replies already in `out` are kept, so runs of other systems on the same tasks add up."""
     from ..baselines.rag import CHUNK_TOKENS, TOP_K
 
     rag_grid = rag_grid or [(CHUNK_TOKENS, TOP_K)]
@@ -375,6 +376,9 @@ def run(
     else:
         rows_path.write_text("")
     rows, done = list(kept.values()), set(kept)
+    summary_path = out / "memory_bench.json"
+    prior = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
+    prior_settings = prior.get("settings", {})
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mc-memory-bench-") as scratch:
         bench = Bench(
@@ -385,8 +389,11 @@ def run(
 
         def write() -> None:
             nonlocal result
+            systems = bench.systems + [
+                r["system"] for r in rows if r["system"] not in bench.systems
+            ]
             result = {
-                "systems": summarize(rows, bench.systems, sizes),
+                "systems": summarize(rows, list(dict.fromkeys(systems)), sizes),
                 "reader": bench.base.name,
                 "working_budget": budget,
                 "split": split,
@@ -394,13 +401,16 @@ def run(
                 "seed": seed,
                 "tasks_per_size": {str(s): tasks_per_size[s] for s in sizes},
                 "max_new_tokens": bench.max_new,
-                "settings": bench.settings,
+                "settings": prior_settings | bench.settings,
                 "elapsed_s": round(time.perf_counter() - t_start, 1),
             }
-            (out / "memory_bench.json").write_text(json.dumps(result, indent=2))
+            summary_path.write_text(json.dumps(result, indent=2))
 
-        for size in sizes:
-            for i in range(tasks_per_size[size]):
+        # Sizes take turns, so a run stopped early has results at every size.
+        for i in range(max(tasks_per_size.values())):
+            for size in sizes:
+                if i >= tasks_per_size[size]:
+                    continue
                 task = gen.task(size, i)
                 if all((task.id, s) in done for s in bench.systems):
                     continue
