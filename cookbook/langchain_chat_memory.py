@@ -36,7 +36,7 @@ def main() -> None:
     )
     chat = RunnableWithMessageHistory(
         prompt | llm,
-        lambda sid: MegaContextChatMessageHistory(sid, store=store, working_budget=args.budget),
+        lambda sid: MegaContextChatMessageHistory(sid, llm=llm),  # one engine for both
         input_messages_key="question",
         history_messages_key="history",
     )
@@ -51,7 +51,7 @@ def main() -> None:
             f"prefill={meta['prefill_tokens']} positions={meta['positions_used']}/{args.budget} "
             f"history_tokens={meta['history_tokens']}]"
         )
-    history = MegaContextChatMessageHistory("cookbook-user", store=store)
+    history = MegaContextChatMessageHistory("cookbook-user", llm=llm)
     print(f"stored history: {len(history.messages)} messages in {store}")
 
 

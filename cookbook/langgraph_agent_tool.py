@@ -1,7 +1,7 @@
 """A LangGraph agent (langchain.agents.create_agent) with a tool, on MegaContext memory.
 
-The agent state is checkpointed per thread; every model call routes to one engine
-session and ingests only the messages it has not seen (the user turn, the tool call's
+The agent state is checkpointed per thread; the thread id names the engine session, and
+every model call ingests only the messages the session has not seen (the user turn, the tool call's
 result). `tool_call_threshold=0` makes the tiny default model consult its tool on every
 user turn, so the loop is visible: user -> tool call -> tool result -> answer.
 

@@ -323,6 +323,7 @@ class Router:
             if session_id is not None:
                 stack.enter_context(self.lock(session_id))
                 route = self.route(session_id)
+                chained = _collapse(chained, route)
                 k = match(route, chained, strict=False)
             elif ephemeral:
                 sid = f"{self.id_prefix}tmp-{uuid.uuid4().hex[:16]}"
@@ -450,6 +451,19 @@ class Router:
             route.pending = []
             self._save(route)
             return self.add(session_id, [it for it in items if it.role == "system"] + chained[k:])
+
+
+def _collapse(items: list[Item], route: Route) -> list[Item]:
+    """Drop the second of two adjacent copies of a reply we wrote: a memory read after the
+    turn shows the reply, and the framework adds its own copy (agents' scratchpads)."""
+    ours = {d for d, generated in route.pending if generated}
+    out, prev = [], None
+    for it in items:
+        d = item_digest(it)
+        if not (d == prev and d in ours):
+            out.append(it)
+        prev = d
+    return out
 
 
 def _slotted(prompt: list[Item], extra: list[Item]) -> list[Item]:

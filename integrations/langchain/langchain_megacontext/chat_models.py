@@ -327,19 +327,20 @@ class ChatMegaContext(BaseChatModel):
             session = turn.session
             prefix, proc, allowance = "", None, 0
             calls_allowed = bool(tools) and tool_choice != "none"
-            if tools and tool_choice != "none":
+            if tools:  # with calls not allowed, the gate never opens one
                 base = engine.base
                 vocab = _guide.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
                 prefix, proc, allowance = _guide.plan(
                     tools,
-                    tool_choice,
-                    self.tool_call_threshold,
+                    tool_choice if calls_allowed else None,
+                    self.tool_call_threshold if calls_allowed else float("inf"),
                     vocab,
                     self.max_string_tokens,
                     max_new,
                 )
-                max_new = max(max_new, allowance)
-                stop = [] if prefix else stop
+                if calls_allowed:
+                    max_new = max(max_new, allowance)
+                    stop = [] if prefix else stop
             yield "call" if prefix else "text", ""
             room = self.working_budget - session.config.recent_raw - 2 * 32 - 64
             max_new = max(1, min(max_new, room))

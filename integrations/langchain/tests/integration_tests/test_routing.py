@@ -53,7 +53,13 @@ def test_forks_instead_of_corrupting(tmp_path):
     b = llm.invoke(first)  # a retry of the same list: must not append to a's session
     assert a.response_metadata["session_id"] != b.response_metadata["session_id"]
     c = llm.invoke([*first, a, HumanMessage("again")])
-    assert c.response_metadata["session_id"] == a.response_metadata["session_id"]
+    # a and b hold the same (greedy) conversation: a tie starts a new session
+    assert c.response_metadata["session_id"] not in (
+        a.response_metadata["session_id"],
+        b.response_metadata["session_id"],
+    )
+    d = llm.invoke([*first, a, HumanMessage("again"), c, HumanMessage("and again")])
+    assert d.response_metadata["session_id"] == c.response_metadata["session_id"]
 
 
 def test_explicit_session_id_takes_new_turns_only(tmp_path):

@@ -235,19 +235,20 @@ class MegaContextLLM(FunctionCallingLLM):
             session = turn.session
             prefix, proc = "", None
             calls_allowed = bool(tools) and tool_choice != "none"
-            if calls_allowed:
+            if tools:  # with calls not allowed, the gate never opens one
                 base = engine.base
                 vocab = tool_calls.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
                 prefix, proc, allowance = tool_calls.plan(
                     tools,
-                    tool_choice,
-                    self.tool_call_threshold,
+                    tool_choice if calls_allowed else None,
+                    self.tool_call_threshold if calls_allowed else float("inf"),
                     vocab,
                     self.max_string_tokens,
                     max_new,
                 )
-                max_new = max(max_new, allowance)
-                stop = [] if prefix else stop
+                if calls_allowed:
+                    max_new = max(max_new, allowance)
+                    stop = [] if prefix else stop
             yield "call" if prefix else "text", ""
             room = self.working_budget - session.config.recent_raw - 2 * 32 - 16
             max_new = max(1, min(max_new, room))
