@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.memory.types import BaseMemory
 from llama_index.llms.megacontext import MegaContextLLM
@@ -42,10 +43,12 @@ def test_memory_basics_and_state_in_store(tmp_path):
         session_id="s", store=str(tmp_path), working_budget=BUDGET, token_limit=1
     )
     assert [m.content for m in limited.get()] == ["third"]
-    memory.set([ChatMessage(role="user", content="only")])
-    assert [m.content for m in memory.get()] == ["only"]
+    with pytest.raises(ValueError, match="reset"):  # set() never deletes durable history
+        memory.set([ChatMessage(role="user", content="only")])
     memory.reset()
     assert memory.get() == []
+    memory.set([ChatMessage(role="user", content="only")])
+    assert [m.content for m in memory.get()] == ["only"]
 
 
 async def test_memory_async(tmp_path):
@@ -54,8 +57,8 @@ async def test_memory_async(tmp_path):
     await memory.aput_messages([ChatMessage(role="assistant", content="y")])
     assert [m.content for m in await memory.aget()] == ["x", "y"]
     assert len(await memory.aget_all()) == 2
-    await memory.aset([ChatMessage(role="user", content="z")])
-    assert [m.content for m in await memory.aget()] == ["z"]
+    await memory.aset([*await memory.aget(), ChatMessage(role="user", content="z")])
+    assert [m.content for m in await memory.aget()] == ["x", "y", "z"]
     await memory.areset()
     assert await memory.aget() == []
 

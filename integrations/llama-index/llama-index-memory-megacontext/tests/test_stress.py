@@ -13,6 +13,7 @@ from llama_index.llms.megacontext import MegaContextLLM
 
 TURNS = int(os.environ.get("MC_STRESS_TURNS", "6"))
 USERS = ("alice", "bob")
+FAST = {"gist_refine_steps": 0}
 
 WORKER = textwrap.dedent(
     """
@@ -66,7 +67,7 @@ def test_two_processes_two_users_interleaved(tmp_path):
     for p in procs:
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]
-    llm = MegaContextLLM(store=str(tmp_path), working_budget=512)
+    llm = MegaContextLLM(store=str(tmp_path), working_budget=512, engine_kwargs=FAST)
     for user in USERS:
         log = llm.engine.session(user).messages()
         users = [m.content for m in log if m.role == "user"]
