@@ -444,7 +444,7 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--quick", action="store_true", help="2k and 8k, a few tasks (< 5 min, CPU)")
+    p.add_argument("--quick", action="store_true", help="2k and 8k tokens, 3 and 2 tasks")
     p.add_argument("--sizes", type=int, nargs="+", help=f"history lengths (default {SIZES})")
     p.add_argument("--tasks", type=int, help=f"tasks per size (default {TASKS_PER_SIZE})")
     p.add_argument("--split", choices=BENCH_SPLITS, default="test")
