@@ -11,10 +11,12 @@ working context: recent and relevant spans as raw tokens, the rest as gists.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +86,20 @@ class MegaContextEngine:
         self._lock = threading.Lock()
 
     def session(self, session_id: str) -> Session:
-        """The session `session_id`, created on first use and persistent across processes."""
+        """The session `session_id`, created on first use and persistent across processes.
+
+        A handle whose session was deleted since (here or by another process, even if the
+        id was created again) is replaced by a fresh one; the old handle raises
+        SessionDeleted. A session whose gists another GistNet version made raises
+        GistVersionMismatch (`megacontext reindex` re-gists it).
+        """
         if not isinstance(session_id, str):
             raise TypeError(f"session id must be a str, got {type(session_id).__name__}")
         with self._lock:
-            if session_id not in self._sessions:
-                self._sessions[session_id] = Session(self, session_id)
-            return self._sessions[session_id]
+            s = self._sessions.get(session_id)
+            if s is None or not s._is_current():
+                s = self._sessions[session_id] = Session(self, session_id)
+            return s
 
     def sessions(self) -> list[str]:
         """Ids of every session in the store, oldest first."""
@@ -127,6 +136,7 @@ class Session:
         self._kv_keys: list[tuple] = []
         self._query: list[int] | None = None
         self._lock = threading.RLock()
+        self._turn: _Handoff | None = None  # the streamed turn holding the lock, if any
         first = self.store.messages(0, 1)
         if first and first[0].role == "system":
             self.allocator.pinned = self._pin(first[0].token_end)
@@ -140,27 +150,33 @@ class Session:
         empty content, metadata that is not a JSON object, or a message longer than the
         working budget.
         """
-        self._validate(role, content, metadata)
+        validate_message(role, content, metadata)
         return self._append(role, content, metadata or {})
 
-    def _validate(self, role, content, metadata) -> None:
-        if not isinstance(role, str) or role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
-        if not isinstance(content, str):
-            raise TypeError(f"message content must be a str, got {type(content).__name__}")
-        if not content.strip():
-            raise ValueError("message content is empty")
-        if metadata is not None:
-            if not isinstance(metadata, dict):
-                raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
-            try:
-                json.dumps(metadata)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"metadata is not JSON-serialisable: {e}") from None
+    def _is_current(self) -> bool:
+        row = self.engine.store._row(self.store.key)
+        return row is not None and row["incarnation"] == self.store.incarnation
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """The session's lock. The thread reading a streamed reply of this session may not
+        wait for it: the turn holding it waits for that very thread to take its pieces."""
+        if not self._lock.acquire(blocking=False):
+            turn = self._turn
+            if turn is not None and turn.reader == threading.get_ident():
+                raise RuntimeError(
+                    f"session {self.id!r}: a streamed reply is being read in this thread; "
+                    "read it to the end or close() it before using the session again"
+                )
+            self._lock.acquire()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _append(self, role: str, content: str, metadata: dict) -> Message:
         tel = self._pending
-        with self._lock:
+        with self._held():
             with tel.timed("ingest"):
                 ids = self.engine.base.encode(self.engine.base.render_message(role, content))
                 if len(ids) > self.config.working_budget:
@@ -194,10 +210,13 @@ class Session:
             self.allocator.fit(self.wc, self.tree, budget - budget // 8)
 
     def _sync(self) -> None:
-        """Catch up with messages other processes appended to this session."""
+        """Catch up with messages other processes appended to this session (raises
+        SessionDeleted or GistVersionMismatch when it is no longer what this handle holds)."""
         n_before = self.tree.n_tokens
-        self.tree.refresh()
+        self.tree.sync()
         grown = self.tree.n_tokens - n_before
+        if grown:
+            self._query = None  # the newest user message may be one of theirs
         if not self.wc.entries or grown > self.config.working_budget:
             # (Re)build in one pass rather than collapsing a long all-raw history block by block.
             raw = self.config.working_budget // 2
@@ -273,7 +292,11 @@ class Session:
         """Refocus, then write the assistant's reply; the reply is appended to the history.
 
         Greedy by default; `temperature > 0` samples. With `stream=True` returns an iterator
-        of text pieces (the reply is stored when the iterator ends or is closed).
+        of text pieces that any thread may pull; the turn holds the session (other calls on
+        it wait) until the iterator is read to the end or closed. The reply is stored when
+        decoding ends normally; a stream closed early stores what was read, with metadata
+        `{"truncated": true}`; nothing is stored when decoding raised (the error reaches
+        the caller, or the reader of the stream).
         `prefix` forces the start of the reply (prefilled with the prompt, yielded first and
         stored with the reply); `logits_processor(ids, logits) -> logits` sees each decode
         step (ids generated after the prefix) and may mask or force tokens.
@@ -289,65 +312,120 @@ class Session:
                 f"max_new_tokens={max_new_tokens} leaves only {budget} positions of the "
                 f"working budget ({self.config.working_budget}) for the history"
             )
-        pieces = self._generate(
-            prompt, budget, max_new_tokens, temperature, top_p, stop, seed, prefix, logits_processor
-        )
-        return pieces if stream else "".join(pieces)
+        args = (prompt, budget, max_new_tokens, temperature, top_p, stop, seed, prefix)
+        if stream:
+            return self._stream(args, logits_processor)
+        out: list[str] = []
+        self._turn_body(*args, logits_processor, lambda piece: out.append(piece) is None)
+        return "".join(out)
 
-    def _generate(
-        self, prompt, budget, max_new_tokens, temperature, top_p, stop, seed, prefix="", proc=None
-    ):
-        base = self.engine.base
-        with self._lock:
-            self._sync()
-            tel, self._pending = self._pending, TurnTelemetry()
-            self.refocus(budget, tel=tel)
-            with tel.timed("allocate"):
-                self.allocator.fit(self.wc, self.tree, budget)
-            n = self.tree.n_tokens
-            with tel.timed("prefill"):
-                keys = self.wc.position_keys(self.tree, self.engine.gister.version)
-                keys += [(0, n + i, t) for i, t in enumerate(prompt)]
-                embeds = torch.cat([self.wc.embeddings(self.tree, base), base.embed(prompt)])
-                keep = _common_prefix(self._kv_keys, keys, limit=len(keys) - 1)
-                if self._kv is None or keep == 0:
-                    self._kv, keep = None, 0
-                elif self._kv.get_seq_length() > keep:
-                    self._kv.crop(keep - self._kv.get_seq_length())  # negative: drop the suffix
-                positions = torch.arange(keep, len(keys), device=base.device)[None]
-                with torch.no_grad():
-                    logits, self._kv = base.forward(embeds[keep:][None], positions, self._kv)
-            tel.prefill_tokens, tel.reused_prefix = len(keys) - keep, keep
-            self._kv_keys = keys
-            out: list[str] = []
+    def _stream(self, args: tuple, proc) -> Iterator[str]:
+        """The turn runs on a worker thread that holds the session; its pieces come through
+        a handoff, so any thread may pull them and no lock is held across a `yield`."""
+        handoff = _Handoff()
+        handoff.reader = threading.get_ident()
+
+        def work() -> None:
             try:
-                with tel.timed("decode"):
-                    steps = base.stream(
-                        logits[0, -1],
-                        self._kv,
-                        len(keys),
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        stop,
-                        seed,
-                        proc,
-                    )
-                    if prefix:
-                        out.append(prefix)
-                        yield prefix
-                    for step in steps:
-                        if step.token_id >= 0:
-                            pos = n + len(prompt) + len(self._kv_keys) - len(keys)
-                            self._kv_keys.append((0, pos, step.token_id))
-                        if step.text:
-                            out.append(step.text)
-                            yield step.text
-            finally:
-                self._kv_keys = self._kv_keys[: self._kv.get_seq_length()]
-                self._finish_turn(tel, "".join(out))
+                self._turn_body(*args, proc, handoff.put, handoff)
+            except BaseException as e:  # handed to the reader, raised there
+                handoff.finish(e)
+            else:
+                handoff.finish(None)
 
-    def _finish_turn(self, tel: TurnTelemetry, reply: str) -> None:
+        threading.Thread(target=work, name=f"megacontext-turn-{self.id[:32]}", daemon=True).start()
+        try:
+            while True:
+                handoff.reader = threading.get_ident()
+                piece = handoff.take()
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            handoff.close()
+            handoff.wait()  # the turn is over (its reply stored) when the stream is closed
+
+    def _turn_body(
+        self,
+        prompt,
+        budget,
+        max_new_tokens,
+        temperature,
+        top_p,
+        stop,
+        seed,
+        prefix,
+        proc,
+        emit: Callable[[str], bool],
+        handoff: _Handoff | None = None,
+    ) -> None:
+        """Refocus, prefill, decode; pieces go to `emit` (False: the reader is gone). The
+        reply is stored on normal completion, marked truncated when the reader left early
+        (as far as it read), and not at all when anything raised."""
+        base = self.engine.base
+        with self._held():
+            self._turn = handoff
+            try:
+                self._sync()
+                tel, self._pending = self._pending, TurnTelemetry()
+                self.refocus(budget, tel=tel)
+                with tel.timed("allocate"):
+                    self.allocator.fit(self.wc, self.tree, budget)
+                n = self.tree.n_tokens
+                with tel.timed("prefill"):
+                    version = f"{self.engine.gister.version}@{self.store.incarnation}"
+                    keys = self.wc.position_keys(self.tree, version)
+                    keys += [(0, n + i, t) for i, t in enumerate(prompt)]
+                    embeds = torch.cat([self.wc.embeddings(self.tree, base), base.embed(prompt)])
+                    keep = _common_prefix(self._kv_keys, keys, limit=len(keys) - 1)
+                    if self._kv is None or keep == 0:
+                        self._kv, keep = None, 0
+                    elif self._kv.get_seq_length() > keep:
+                        self._kv.crop(keep - self._kv.get_seq_length())  # drop the suffix
+                    positions = torch.arange(keep, len(keys), device=base.device)[None]
+                    with torch.no_grad():
+                        logits, self._kv = base.forward(embeds[keep:][None], positions, self._kv)
+                tel.prefill_tokens, tel.reused_prefix = len(keys) - keep, keep
+                self._kv_keys = keys
+                out: list[str] = []
+                truncated = False
+                try:
+                    with tel.timed("decode"):
+                        steps = base.stream(
+                            logits[0, -1],
+                            self._kv,
+                            len(keys),
+                            max_new_tokens,
+                            temperature,
+                            top_p,
+                            stop,
+                            seed,
+                            proc,
+                        )
+                        if prefix:
+                            truncated = not emit(prefix)
+                            out += [] if truncated else [prefix]
+                        for step in [] if truncated else steps:
+                            if step.token_id >= 0:
+                                pos = n + len(prompt) + len(self._kv_keys) - len(keys)
+                                self._kv_keys.append((0, pos, step.token_id))
+                            if step.text:
+                                if not emit(step.text):
+                                    truncated = True
+                                    break
+                                out.append(step.text)
+                finally:
+                    self._kv_keys = self._kv_keys[: self._kv.get_seq_length()]
+                reply = "".join(out)
+                if not truncated or reply.strip():
+                    self._finish_turn(tel, reply, {"truncated": True} if truncated else {})
+            except BaseException:
+                self._kv, self._kv_keys = None, []  # a pass may have stopped halfway
+                raise
+            finally:
+                self._turn = None
+
+    def _finish_turn(self, tel: TurnTelemetry, reply: str, metadata: dict) -> None:
         tel.turn = len(self.telemetry)
         tel.history_tokens = self.tree.n_tokens
         tel.budget = self.config.working_budget
@@ -355,11 +433,120 @@ class Session:
         tel.entries_per_level = self.wc.per_level()
         tel.swap_rate = tel.moves * self.config.block_size / max(1, len(self.wc))
         self.telemetry.append(tel)
-        self._append("assistant", reply, {"generated": True})
+        self._append("assistant", reply, {"generated": True, **metadata})
 
     def level_map(self) -> np.ndarray:
         """The level each history token is shown at right now (0 = raw)."""
         return self.wc.level_map(self.tree.n_tokens)
+
+
+def validate_message(role, content, metadata) -> None:
+    """Raise ValueError/TypeError naming what is wrong with a message to append."""
+    if not isinstance(role, str) or role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    if not isinstance(content, str):
+        raise TypeError(f"message content must be a str, got {type(content).__name__}")
+    if not content.strip():
+        raise ValueError("message content is empty")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata is not JSON-serialisable: {e}") from None
+
+
+class _Handoff:
+    """Pieces of one streamed turn, from its worker thread to whichever thread reads them.
+
+    The worker puts a piece only once the previous one was taken, so when the reader
+    closes the stream the reply stored is what it read (at most one piece was made
+    in vain)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pieces: deque[str] = deque()
+        self._done = self._closed = False
+        self._error: BaseException | None = None
+        self.reader = 0  # thread id of the last thread that pulled a piece
+
+    def put(self, piece: str) -> bool:
+        """Worker: hand over `piece`; False when the reader closed the stream."""
+        with self._cond:
+            while self._pieces and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._pieces.append(piece)
+            self._cond.notify_all()
+            return True
+
+    def finish(self, error: BaseException | None) -> None:
+        """Worker: the turn is over (the session is released), with `error` if it raised."""
+        with self._cond:
+            self._done, self._error = True, error
+            self._cond.notify_all()
+
+    def take(self) -> str | None:
+        """Reader: the next piece, None at the end; raises what the turn raised."""
+        with self._cond:
+            while not self._pieces and not self._done:
+                self._cond.wait()
+            if self._pieces:
+                piece = self._pieces.popleft()
+                self._cond.notify_all()
+                return piece
+            if self._error is not None:
+                raise self._error
+            return None
+
+    def close(self) -> None:
+        """Reader: no more pieces will be taken."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until the worker has finished the turn."""
+        with self._cond:
+            while not self._done:
+                self._cond.wait()
+
+
+def split_text(base: BaseModel, text: str, limit: int) -> list[str]:
+    """`text` cut at character offsets into parts of at most `limit` tokens each, so that
+    `"".join(parts) == text` byte for byte (a token-boundary cut decoded part by part
+    would not round-trip). Cuts prefer whitespace; no part is whitespace only."""
+    if limit < 8:
+        raise ValueError(f"split limit must be at least 8 tokens, got {limit}")
+    parts: list[str] = []
+    start = 0
+    while start < len(text):
+        hi = min(len(text), start + 32 * limit)  # no token spans more than 32 characters
+        if len(base.encode(text[start:hi])) <= limit:
+            end = hi
+        else:  # the longest prefix of text[start:hi] that fits
+            lo = start + 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if len(base.encode(text[start:mid])) <= limit:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            end = lo
+            space = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+            if space >= start + (end - start) * 3 // 4:
+                end = space + 1
+        parts.append(text[start:end])
+        start = end
+    merged: list[str] = []
+    for part in parts:  # a whitespace-only part joins its neighbour
+        if merged and (not part.strip() or not merged[-1].strip()):
+            merged[-1] += part
+        else:
+            merged.append(part)
+    return merged
 
 
 def _common_prefix(a: list, b: list, limit: int) -> int:

@@ -48,7 +48,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import MegaContextEngine, Session
+from .engine import MegaContextEngine, Session, split_text
 from .turns import turn_lock
 
 ORIGIN = "mc_origin"  # metadata key saying who ingested a message and why
@@ -495,17 +495,10 @@ def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def append_split(session: Session, role: str, text: str, metadata: dict) -> None:
     """Append a message, splitting one longer than the working budget into parts."""
-    limit = session.config.working_budget // 2
-    base = session.engine.base
-    ids = base.encode(text)
-    if len(ids) <= limit:
-        session.append(role, text, metadata)
-        return
-    parts = [base.decode(ids[i : i + limit]) for i in range(0, len(ids), limit)]
+    parts = split_text(session.engine.base, text, session.config.working_budget // 2)
     for j, part in enumerate(parts):
         meta = dict(metadata) if j == 0 else {ORIGIN: "continuation"}
-        if part.strip():
-            session.append(role, part, meta)
+        session.append(role, part, meta)
 
 
 def merged_messages(session: Session) -> list:

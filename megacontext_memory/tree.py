@@ -13,7 +13,8 @@ import torch
 from .config import BLOCK_SIZE
 from .models.base import BaseModel
 from .models.gistnet import GistStack
-from .store import Message, SessionStore
+from .store import GistVersionMismatch, Message, SessionStore
+from .store.sqlite import NEEDS_REGIST
 from .training.gist_objective import refine_gists
 
 K = BLOCK_SIZE
@@ -40,7 +41,10 @@ class Gister:
         self.refine = refine
         steps, lr, tokens = refine
         self.version = f"{version}+refine{steps}x{lr:g}x{tokens}" if steps else version
-        self.np_dtype = np.float32 if dtype == "float32" else np.float16
+        # bfloat16 gists are held as float32 values rounded to bfloat16 (numpy has no
+        # bfloat16); the payload file stores their bits.
+        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        self.bf16 = dtype == "bfloat16"
         self.batch = 256
 
     @torch.no_grad()
@@ -59,6 +63,8 @@ class Gister:
             else:
                 x = torch.as_tensor(np.asarray(chunk, np.float32), device=self.base.device)
                 g = self.stack(x, level)
+            if self.bf16:
+                g = g.to(torch.bfloat16)
             out.append(g.float().cpu().numpy().astype(self.np_dtype))
         return np.concatenate(out) if out else np.zeros((0, self.base.width), self.np_dtype)
 
@@ -80,22 +86,64 @@ class Gister:
 
 
 class MegaContextTree:
-    def __init__(self, store: SessionStore, gister: Gister):
+    """One session's tree. Its gists are of one GistNet version: a session whose gists
+    another version made is refused (GistVersionMismatch) unless opened with
+    `reindex=True` (`megacontext reindex`), so two engines never re-gist under each other."""
+
+    def __init__(self, store: SessionStore, gister: Gister, reindex: bool = False):
         self.store, self.gister = store, gister
         self.counts: dict[int, int] = {}
+        self.version = ""
         with store.lock():
             self.refresh(prepare=True)
-            if store.gist_version != gister.version:
-                self.regist()
+            self._check_version(reindex)
 
     def refresh(self, prepare: bool = False) -> None:
-        """Reload committed extents (another process may have appended)."""
-        self.counts = self.store.prepare() if prepare else self.store.counts()
+        """Reload committed extents (another process may have appended). Raises
+        SessionDeleted when the session is no longer the incarnation this tree was opened on."""
+        self.counts, self.version = self.store._prepare() if prepare else self.store.state()
         n, have = self.counts.get(0, 0), len(getattr(self, "_tokens", ()))
         if n < have or have == 0:
             self._tokens = self.store.tokens(0, n)
         elif n > have:  # read only what other writers added
             self._tokens = np.concatenate([self._tokens, self.store.tokens(have, n)])
+        else:
+            return
+        self.store.row()  # the tokens just read are still this incarnation's
+
+    def sync(self) -> None:
+        """Catch up with other writers; refuses gists of another GistNet version."""
+        self.refresh()
+        if self.version != self.gister.version:
+            with self.store.lock():
+                self.refresh(prepare=True)
+                self._check_version()
+
+    def reindex(self, force: bool = False) -> bool:
+        """Re-gist with this tree's GistNet if the session holds another's (or `force`)."""
+        with self.store.lock():
+            self.refresh(prepare=True)
+            if force or self.version != self.gister.version:
+                self.regist()
+                return True
+            return False
+
+    def _check_version(self, reindex: bool = False) -> None:
+        """Under the lock: gists must be this GistNet's. Nothing to rewrite (no gists yet,
+        or gists dropped by `fsck --repair`) is adopted at once; anything else is refused
+        unless `reindex`."""
+        if self.version == self.gister.version:
+            return
+        if reindex or self.version == NEEDS_REGIST or not self.count(1):
+            self.regist()
+            return
+        path = self.store.store.path
+        raise GistVersionMismatch(
+            f"session {self.store.id!r} holds gists of GistNet {self.version!r}, but this "
+            f"engine uses {self.gister.version!r} (another checkpoint or gist_refine_* "
+            f"setting); re-gist it with `megacontext reindex --store {path}` and the settings "
+            "to use, or open it with the settings that made it"
+        )
 
     # ---- queries ----------------------------------------------------------------------
     @property
@@ -129,8 +177,7 @@ class MegaContextTree:
         """Durably append one message's tokens and the gists they complete."""
         with self.store.lock():
             self.refresh(prepare=True)
-            if self.store.gist_version != self.gister.version:
-                self.regist()  # another process re-gisted with another GistNet: never mix
+            self._check_version()  # another process may have re-gisted: never mix
             n0 = self.n_tokens
             tokens = np.concatenate([self._tokens, np.asarray(ids, np.int64)])
             gists = self._new_gists(tokens)

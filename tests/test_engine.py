@@ -13,6 +13,8 @@ from megacontext_memory import CheckpointMismatch, check_invariants
 from megacontext_memory.demo import FACTS, conversation
 from megacontext_memory.models.checkpoint import base_meta, save_gist_stack
 from megacontext_memory.models.gistnet import GistStack
+from megacontext_memory.store import GistVersionMismatch
+from megacontext_memory.store.transfer import reindex
 
 
 def _tree_digest(session) -> str:
@@ -177,9 +179,13 @@ def test_level1_gists_are_refined_in_context_and_rebuild_alike(engine_factory, t
 
     refined_engine = engine_factory(store=store)  # default config: the fit is on
     assert refined_engine.gister.version != plain.gister.version
+    with pytest.raises(GistVersionMismatch):  # never re-gisted silently at open
+        refined_engine.session("s")
+    reindex(refined_engine.store, refined_engine.gister, ["s"])
     t = refined_engine.session("s").tree
     registed = t.store.gists(1, 0, n, version=t.gister.version).astype(np.float32)
-    assert np.array_equal(registed[0], unrefined[0])  # the first block has no context
+    # the first block has no context; made in other batch shapes, so up to float noise
+    np.testing.assert_allclose(registed[0], unrefined[0], rtol=1e-2, atol=1e-3)
     moved = _cosine(registed[1:], unrefined[1:])
     assert moved.max() < 0.9999  # every other gist was fitted
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from megacontext_memory.store import PayloadError, Store, StoreError
+from megacontext_memory.store import GistVersionMismatch, PayloadError, Store, StoreError
 from megacontext_memory.store.crashtest import (
     TINY_MODEL,
     message,
@@ -265,7 +265,7 @@ def test_garbage_database_is_a_clear_error(tmp_path):
     assert not fsck(path).clean
 
 
-def test_regist_lazily_and_eagerly(tmp_path, gister):
+def test_another_gistnet_version_is_refused_until_reindexed(tmp_path, gister):
     path = tmp_path / "st"
     tree = open_tree(path, "a", gister)
     fill(tree, 2, 30)
@@ -274,23 +274,36 @@ def test_regist_lazily_and_eagerly(tmp_path, gister):
     g2 = tiny_gister("tiny-v2")
     # a crash during a re-gist: new-version files without the commit are dropped on open
     tree.store.payload(1, "tiny-v2").write_all(np.ones((3, 64), np.float16))
-    tree2 = open_tree(path, "a", g2)  # lazy: opening with a new GistNet re-gists
+    with pytest.raises(GistVersionMismatch, match="tiny-v1.*tiny-v2.*megacontext reindex"):
+        open_tree(path, "a", g2)  # never a silent re-gist at open
+    assert tree.store.gist_version == gister.version
+    tree2 = open_tree(path, "a", g2, reindex=True)  # explicit
     assert tree2.store.gist_version == "tiny-v2"
     assert_matches_rebuild(tree2, g2)
     assert not any(gister.version in p for p in os.listdir(tree2.store.dir))
-    fill(tree, 2, 2, start=30)  # a writer still on the old GistNet re-gists back, never mixes
-    assert tree.store.gist_version == gister.version
-    assert_matches_rebuild(tree, gister)
+    n = tree.store.counts()[0]
+    with pytest.raises(GistVersionMismatch):  # a writer still on the old GistNet never mixes
+        fill(tree, 2, 2, start=30)
+    with pytest.raises(GistVersionMismatch):
+        tree.sync()
+    assert tree.store.counts()[0] == n and tree.store.gist_version == "tiny-v2"
     rep = fsck(path, gist_version="tiny-v2")
-    assert rep.clean and sum("current is" in n for n in rep.notes) == 2
+    assert rep.clean and sum("current is" in n for n in rep.notes) == 1
     recs = reindex(Store(path), g2)  # eager
-    assert [r["to"] for r in recs] == ["tiny-v2"] * 2 and all("seconds" in r for r in recs)
+    assert [r.get("skipped") for r in recs] == ["already current", None]
+    assert recs[1]["to"] == "tiny-v2" and "seconds" in recs[1]
     for sid in ("a", "b"):
         t = open_tree(path, sid, g2)
         assert_matches_rebuild(t, g2)
-    assert reindex(Store(path), g2)[0]["skipped"] == "already current"
     assert "skipped" not in reindex(Store(path), g2, ["a"], force=True)[0]
     assert fsck(path).clean and not fsck(path).notes
+
+
+def test_a_session_without_gists_takes_the_version_of_its_writer(tmp_path, gister):
+    tree = open_tree(tmp_path / "st", "short", gister)
+    tree.append("user", "hi", {}, [1, 2, 3])  # no block complete: nothing to re-gist
+    g2 = tiny_gister("tiny-v2")
+    assert open_tree(tmp_path / "st", "short", g2).store.gist_version == "tiny-v2"
 
 
 def test_export_format(filled, tmp_path):

@@ -69,7 +69,7 @@ def message(seed: int, i: int, max_chars: int = 240) -> tuple[str, str, dict]:
     return role, content, {"i": i, "seed": seed, "tag": rng.choice(["a", "ß", None, 3.5])}
 
 
-def open_tree(store_path, session_id: str, gister):
+def open_tree(store_path, session_id: str, gister, reindex: bool = False):
     from ..store import Store
     from ..tree import MegaContextTree
 
@@ -82,7 +82,7 @@ def open_tree(store_path, session_id: str, gister):
         gist_dtype="float16",
         gist_version=gister.version,
     )
-    return MegaContextTree(ss, gister)
+    return MegaContextTree(ss, gister, reindex)
 
 
 def writer(
@@ -96,16 +96,16 @@ def writer(
     """Append messages of stream `seed` after those committed; ack each index on `ack_fd`.
 
     With `regist_every` = n, the GistNet version flips every n messages: each flip re-gists
-    the whole session (so kills also land inside re-gisting).
+    the whole session explicitly (so kills also land inside re-gisting).
     """
     gisters = [tiny_gister(), tiny_gister(TINY_VERSION_2)] if regist_every else [tiny_gister()]
-    trees = [open_tree(store_path, session_id, g) for g in gisters[:1]]
-    if regist_every:
-        trees.append(open_tree(store_path, session_id, gisters[1]))
+    tree = open_tree(store_path, session_id, gisters[0], reindex=bool(regist_every))
     base = gisters[0].base
-    start = trees[0].store.row()["n_messages"]
+    start = tree.store.row()["n_messages"]
     for i in range(start, start + limit):
-        tree = trees[(i // regist_every) % 2] if regist_every else trees[0]
+        gister = gisters[(i // regist_every) % 2] if regist_every else gisters[0]
+        if tree.gister is not gister:
+            tree = open_tree(store_path, session_id, gister, reindex=True)
         role, content, meta = message(seed, i)
         tree.append(role, content, meta, base.encode(content))
         if ack_fd is not None:

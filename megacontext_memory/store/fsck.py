@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .payload import HEADER_SIZE, PayloadError
-from .sqlite import SessionStore, Store, StoreError, decode_id, file_level
-
-NEEDS_REGIST = "needs-regist"  # a gist version no GistNet has: forces a rebuild on open
+from .sqlite import NEEDS_REGIST, SessionStore, Store, StoreError, decode_id, file_level
 
 
 @dataclass
@@ -92,8 +90,21 @@ def fsck(path: str | os.PathLike, repair: bool = False, gist_version: str | None
                     f"{db_path}: removed rows of unknown session {r['session_key']}"
                 )
                 rep.errors.pop()
+    for r in [r for r in rows if r["staging"]]:
+        rows.remove(r)
+        rep.notes.append(
+            f"{db_path}: session {decode_id(r['id'])!r} is an import that never finished "
+            "(the session it was to replace is untouched)"
+        )
+        if repair:
+            with store.lock(r["key"]), store._write() as conn:
+                for t in ("messages", "levels", "sessions"):
+                    column = "key" if t == "sessions" else "session_key"
+                    conn.execute(f"DELETE FROM {t} WHERE {column} = ?", [r["key"]])
+            rep.repaired.append(f"{db_path}: unfinished import {decode_id(r['id'])!r} removed")
+    folders = {r["folder"] or r["key"] for r in rows}
     for folder in sorted(store.sessions_dir.iterdir()):
-        if folder.name not in keys:
+        if folder.name not in folders:
             rep.notes.append(
                 f"{folder}: folder of no session (left by an interrupted create/delete)"
             )

@@ -22,7 +22,21 @@ FORMAT_VERSION = 1
 HEADER_SIZE = 64
 _FIXED = struct.Struct("<IHHHIH")  # 16 bytes; the model name fills the remaining 48
 DTYPES = {1: np.dtype("<u4"), 2: np.dtype("<f2"), 3: np.dtype("<f4"), 4: np.dtype("<u2")}
-DTYPE_CODES = {"uint32": 1, "float16": 2, "float32": 3, "bfloat16": 4}  # bf16 stored as raw u16
+DTYPE_CODES = {"uint32": 1, "float16": 2, "float32": 3, "bfloat16": 4}  # bf16: its u16 bits
+_BF16 = 4
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """The bfloat16 bit patterns (as <u2) of float values, rounded to nearest even."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view("<u2")
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns: the 16 bits are a float32's high half."""
+    return (np.asarray(bits, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
 
 
 class PayloadError(RuntimeError):
@@ -38,6 +52,12 @@ class PayloadFile:
         self.dtype_code = DTYPE_CODES[dtype]
         self.np_dtype = DTYPES[self.dtype_code]
         self.record_size = self.np_dtype.itemsize * width
+
+    def _encode(self, records: np.ndarray) -> np.ndarray:
+        """Records as the bytes-to-be of the file: bfloat16 values become their bits."""
+        if self.dtype_code == _BF16:
+            records = to_bfloat16_bits(records)
+        return np.ascontiguousarray(records, dtype=self.np_dtype).reshape(-1, self.width)
 
     def header(self) -> bytes:
         name = self.model.encode()[: HEADER_SIZE - _FIXED.size]
@@ -117,8 +137,7 @@ class PayloadFile:
         with open(tmp, "wb") as f:
             f.write(self.header())
             if records is not None and len(records):
-                data = np.ascontiguousarray(records, dtype=self.np_dtype).reshape(-1, self.width)
-                f.write(data.tobytes())
+                f.write(self._encode(records).tobytes())
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.path)
@@ -130,7 +149,7 @@ class PayloadFile:
 
     def write_at(self, start: int, records: np.ndarray) -> None:
         """Write records starting at record index `start` (the committed end), fsynced."""
-        data = np.ascontiguousarray(records, dtype=self.np_dtype).reshape(-1, self.width)
+        data = self._encode(records)
         if not len(data):
             return
         with open(self.path, "r+b") as f:
@@ -140,9 +159,12 @@ class PayloadFile:
             _datasync(f.fileno())  # data and the new size: all a reader needs
 
     def read(self, start: int, end: int) -> np.ndarray:
-        """Records [start, end) as an array of shape [end - start, width]."""
+        """Records [start, end) as an array of shape [end - start, width] (bfloat16 gists
+        as float32 values)."""
         if end <= start:
-            return np.zeros((0, self.width), self.np_dtype)
+            return np.zeros(
+                (0, self.width), np.float32 if self.dtype_code == _BF16 else self.np_dtype
+            )
         try:
             arr = np.memmap(
                 self.path,
@@ -161,7 +183,7 @@ class PayloadFile:
             ) from None
         out = np.array(arr).reshape(end - start, self.width)
         del arr
-        return out
+        return from_bfloat16_bits(out) if self.dtype_code == _BF16 else out
 
 
 _datasync = getattr(os, "fdatasync", os.fsync)

@@ -9,6 +9,12 @@ after 2 loses nothing. A message is acknowledged when `append` returns.
 Creating a session makes its folder before the row that makes it visible; deleting one
 removes the rows before the folder. A crash in between leaves a folder with no row, which
 holds nothing committed: it is wiped when the id is created again and by `fsck --repair`.
+
+Every creation of a session draws a random `incarnation`: a handle opened before the id was
+deleted (and perhaps created again, by another process) sees another incarnation and raises
+SessionDeleted instead of mixing two histories. A session's row names its payload folder
+(its key, or for a session swapped in by `import --replace`, the folder it was built in),
+so replacing a session is one SQLite commit.
 """
 
 from __future__ import annotations
@@ -34,13 +40,15 @@ import sqlite_utils
 from .locks import KeyLocks
 from .payload import PayloadError, PayloadFile, _fsync_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     key TEXT PRIMARY KEY, id BLOB NOT NULL UNIQUE, created REAL NOT NULL,
     model TEXT NOT NULL, width INTEGER NOT NULL, block_size INTEGER NOT NULL,
     gist_dtype TEXT NOT NULL, gist_version TEXT NOT NULL,
-    n_tokens INTEGER NOT NULL DEFAULT 0, n_messages INTEGER NOT NULL DEFAULT 0);
+    n_tokens INTEGER NOT NULL DEFAULT 0, n_messages INTEGER NOT NULL DEFAULT 0,
+    incarnation TEXT NOT NULL DEFAULT '', folder TEXT NOT NULL DEFAULT '',
+    staging INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS messages (
     session_key TEXT NOT NULL, seq INTEGER NOT NULL, role TEXT NOT NULL,
     content TEXT NOT NULL, metadata TEXT NOT NULL, created REAL NOT NULL,
@@ -50,12 +58,21 @@ CREATE TABLE IF NOT EXISTS levels (
     session_key TEXT NOT NULL, level INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (session_key, level));
 """
+NEEDS_REGIST = "needs-regist"  # gists dropped by a repair: made again on next open or reindex
 _FILE = re.compile(r"^L(?:0|([1-9][0-9]*)-(.+))\.bin$")
 T = TypeVar("T")
 
 
 class StoreError(RuntimeError):
     """The store or one of its sessions cannot be used as asked."""
+
+
+class SessionDeleted(StoreError):
+    """The session this handle was opened on was deleted (and maybe created anew) since."""
+
+
+class GistVersionMismatch(StoreError):
+    """A session's gists were made by another GistNet version than the one in use."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +171,16 @@ class Store:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         c.execute(stmt)
+                have = {r[1] for r in c.execute("PRAGMA table_info(sessions)")}
+                for column in ("incarnation TEXT", "folder TEXT"):  # schema 1 -> 2
+                    if column.split()[0] not in have:
+                        c.execute(f"ALTER TABLE sessions ADD COLUMN {column} NOT NULL DEFAULT ''")
+                if "staging" not in have:
+                    c.execute("ALTER TABLE sessions ADD COLUMN staging INTEGER NOT NULL DEFAULT 0")
+                c.execute(
+                    "UPDATE sessions SET incarnation = lower(hex(randomblob(8))) "
+                    "WHERE incarnation = ''"
+                )
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # ---- connections ----------------------------------------------------------------
@@ -213,13 +240,30 @@ class Store:
                 conn.execute("ROLLBACK")
             raise
 
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query in it sees the same committed state."""
+        conn = self.db.conn
+        if conn.in_transaction:  # inside a write: it already sees one state
+            yield conn
+            return
+        retry(lambda: conn.execute("BEGIN"))
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
     # ---- sessions -------------------------------------------------------------------
     def sessions(self) -> list[str]:
-        """Every session id, oldest first."""
-        return [decode_id(r["id"]) for r in self.query("SELECT id FROM sessions ORDER BY rowid")]
+        """Every session id, oldest first (sessions still being built by an import are not
+        listed)."""
+        rows = self.query("SELECT id FROM sessions WHERE staging = 0 ORDER BY rowid")
+        return [decode_id(r["id"]) for r in rows]
 
     def has_session(self, session_id: str) -> bool:
-        return self._row(session_key(session_id)) is not None
+        row = self._row(session_key(session_id))
+        return row is not None and not row["staging"]
 
     def _row(self, key: str) -> dict | None:
         rows = self.query("SELECT * FROM sessions WHERE key = ?", [key])
@@ -234,8 +278,12 @@ class Store:
         block_size: int,
         gist_dtype: str,
         gist_version: str,
+        staging: bool = False,
     ) -> SessionStore:
-        """Open a session, creating it on first use. Refuses a different model or width."""
+        """Open a session, creating it on first use. Refuses a different model or width.
+
+        `staging` creates a session that is not listed until `swap_in` makes it another's.
+        """
         if not isinstance(session_id, str):
             raise TypeError(f"session id must be a str, got {type(session_id).__name__}")
         check_version(gist_version)
@@ -251,7 +299,8 @@ class Store:
                 with self._write() as conn:
                     conn.execute(
                         "INSERT INTO sessions (key, id, created, model, width, block_size, "
-                        "gist_dtype, gist_version) VALUES (?,?,?,?,?,?,?,?)",
+                        "gist_dtype, gist_version, incarnation, folder, staging) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                         [
                             key,
                             encode_id(session_id),
@@ -261,6 +310,9 @@ class Store:
                             block_size,
                             gist_dtype,
                             gist_version,
+                            os.urandom(8).hex(),
+                            key,
+                            int(staging),
                         ],
                     )
                 row = self._row(key)
@@ -274,61 +326,126 @@ class Store:
     def open_session(self, session_id: str) -> SessionStore:
         """An existing session, whatever model wrote it (for tools: fsck, export)."""
         row = self._row(session_key(session_id))
-        if row is None:
+        if row is None or row["staging"]:
             raise StoreError(f"no session {session_id!r} in {self.path}")
         return SessionStore(self, row)
 
     def delete_session(self, session_id: str) -> bool:
         """Delete every row and file of a session. Returns False if it did not exist."""
         key = session_key(session_id)
-        folder = self.sessions_dir / key
         with self.lock(key):
-            existed = self._row(key) is not None
-            if existed:
+            row = self._row(key)
+            if row is not None:
                 with self._write() as conn:
-                    for table in ("messages", "levels"):
-                        conn.execute(f"DELETE FROM {table} WHERE session_key = ?", [key])
-                    conn.execute("DELETE FROM sessions WHERE key = ?", [key])
-            if folder.exists():
-                shutil.rmtree(folder)
-                _fsync_dir(self.sessions_dir)
-        if existed:  # move the zeroed pages out of the WAL too (best effort: readers may hold it)
+                    _delete_rows(conn, key)
+            self._remove_folders({key, row["folder"] if row else key})
+        if row is not None:  # move the zeroed pages out of the WAL too (best effort)
             with contextlib.suppress(sqlite3.OperationalError):
                 self.db.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return existed
+        return row is not None
+
+    def _remove_folders(self, names: set[str]) -> None:
+        removed = False
+        for name in names:
+            if name and (self.sessions_dir / name).exists():
+                shutil.rmtree(self.sessions_dir / name)
+                removed = True
+        if removed:
+            _fsync_dir(self.sessions_dir)
+
+    def swap_in(self, staged: SessionStore, session_id: str) -> None:
+        """Make the staging session `staged` the session `session_id`, replacing the one of
+        that id (if any) in one SQLite commit; the replaced session's files go afterwards.
+
+        A crash before the commit leaves the original; after it, the new session, and the
+        old folder at worst (a folder of no session: `fsck --repair` removes it).
+        """
+        key = session_key(session_id)
+        with contextlib.ExitStack() as stack:
+            for k in sorted({key, staged.key}):
+                stack.enter_context(self.lock(k))
+            staged.row()  # still there, still the same incarnation
+            old = self._row(key)
+            with self._write() as conn:
+                if old is not None:
+                    _delete_rows(conn, key)
+                conn.execute(
+                    "UPDATE sessions SET key = ?, id = ?, staging = 0 WHERE key = ?",
+                    [key, encode_id(session_id), staged.key],
+                )
+                for table in ("messages", "levels"):
+                    conn.execute(
+                        f"UPDATE {table} SET session_key = ? WHERE session_key = ?",
+                        [key, staged.key],
+                    )
+            if old is not None and old["folder"] != staged.folder:
+                self._remove_folders({old["folder"]})
 
     def lock(self, key: str):
         """Context manager serialising writers of one session (threads and processes)."""
         return self._locks.hold(key)
 
 
+def _delete_rows(conn: sqlite3.Connection, key: str) -> None:
+    for table in ("messages", "levels"):
+        conn.execute(f"DELETE FROM {table} WHERE session_key = ?", [key])
+    conn.execute("DELETE FROM sessions WHERE key = ?", [key])
+
+
 class SessionStore:
-    """One session's rows and payload files. Writers hold `lock()` around read-modify-write."""
+    """One incarnation of a session: its rows and payload files. Writers hold `lock()`
+    around read-modify-write; every read and write checks that the incarnation is current."""
 
     def __init__(self, store: Store, row: dict):
         self.store, self.key, self.id = store, row["key"], decode_id(row["id"])
         self.model, self.width = row["model"], row["width"]
         self.block_size, self.gist_dtype = row["block_size"], row["gist_dtype"]
-        self.dir = store.sessions_dir / self.key
+        self.incarnation = row["incarnation"]
+        self.folder = row["folder"] or self.key
+        self.dir = store.sessions_dir / self.folder
 
     def lock(self):
         return self.store.lock(self.key)
 
     # ---- committed state ------------------------------------------------------------
+    def _deleted(self) -> SessionDeleted:
+        return SessionDeleted(
+            f"session {self.id!r} was deleted (or deleted and created again) since it was "
+            "opened; open it again"
+        )
+
+    def _check(self, conn: sqlite3.Connection) -> tuple:
+        """(gist_version, n_messages, n_tokens) of this incarnation, inside a transaction."""
+        row = conn.execute(
+            "SELECT gist_version, n_messages, n_tokens, incarnation FROM sessions WHERE key = ?",
+            [self.key],
+        ).fetchone()
+        if row is None or row[3] != self.incarnation:
+            raise self._deleted()
+        return row[:3]
+
     def row(self) -> dict:
         row = self.store._row(self.key)
-        if row is None:
-            raise StoreError(f"session {self.id!r} was deleted")
+        if row is None or row["incarnation"] != self.incarnation:
+            raise self._deleted()
         return row
 
     @property
     def gist_version(self) -> str:
         return self.row()["gist_version"]
 
+    def state(self) -> tuple[dict[int, int], str]:
+        """(committed record count per level, GistNet version), read at one instant."""
+        with self.store._read() as conn:
+            version = self._check(conn)[0]
+            rows = conn.execute(
+                "SELECT level, count FROM levels WHERE session_key = ?", [self.key]
+            ).fetchall()
+        return {level: count for level, count in rows if count}, version
+
     def counts(self) -> dict[int, int]:
         """Committed record count per level (level 0 = tokens)."""
-        rows = self.store.query("SELECT level, count FROM levels WHERE session_key = ?", [self.key])
-        return {r["level"]: r["count"] for r in rows if r["count"]}
+        return self.state()[0]
 
     def payload(self, level: int, version: str | None = None) -> PayloadFile:
         if level == 0:
@@ -352,8 +469,7 @@ class SessionStore:
         return self._prepare()[0]
 
     def _prepare(self) -> tuple[dict[int, int], str]:
-        version = self.row()["gist_version"]
-        counts = self.counts()
+        counts, version = self.state()
         if not self.dir.is_dir():
             if counts:
                 raise PayloadError(f"{self.dir}: session folder missing, {counts} committed")
@@ -391,7 +507,7 @@ class SessionStore:
                 raise ValueError(f"message {name} is not valid unicode text: {e}") from None
         counts, version = self._prepare()
         if gist_version is not None and gists and gist_version != version:
-            raise StoreError(
+            raise GistVersionMismatch(
                 f"session {self.id!r} holds gists of GistNet {version!r}; refusing gists "
                 f"of {gist_version!r} (re-gist first)"
             )
@@ -407,12 +523,7 @@ class SessionStore:
                 new_counts[level] = counts.get(level, 0) + len(arr)
         created = time.time() if created is None else float(created)
         with self.store._write() as conn:
-            row = conn.execute(
-                "SELECT n_messages, n_tokens, gist_version FROM sessions WHERE key = ?", [self.key]
-            ).fetchone()
-            if row is None:
-                raise StoreError(f"session {self.id!r} was deleted")
-            seq, n_tokens, v_now = row
+            v_now, seq, n_tokens = self._check(conn)
             if n_tokens != n0 or v_now != version:
                 raise StoreError(f"session {self.id!r} changed while appending (lock not held?)")
             conn.execute(
@@ -444,6 +555,7 @@ class SessionStore:
         for level, arr in sorted(gists.items()):
             self.payload(level, version).write_all(arr)
         with self.store._write() as conn:
+            self._check(conn)
             conn.execute("DELETE FROM levels WHERE session_key = ? AND level > 0", [self.key])
             for level, arr in gists.items():
                 if len(arr):
@@ -455,6 +567,7 @@ class SessionStore:
     def set_created(self, created: dict[int, float]) -> None:
         """Set message timestamps (by seq) in one transaction; used by import."""
         with self.store._write() as conn:
+            self._check(conn)
             conn.executemany(
                 "UPDATE messages SET created = ? WHERE session_key = ? AND seq = ?",
                 [(float(t), self.key, seq) for seq, t in created.items()],
@@ -464,19 +577,25 @@ class SessionStore:
     def messages(self, start: int = 0, end: int | None = None) -> list[Message]:
         """The message log (seq in [start, end)), oldest first."""
         end = 2**62 if end is None else end
-        rows = self.store.query(
+        return self._messages(
             "SELECT * FROM messages WHERE session_key = ? AND seq >= ? AND seq < ? ORDER BY seq",
             [self.key, start, end],
         )
-        return [_message(r) for r in rows]
 
     def last_message(self, role: str) -> Message | None:
         """The newest message of `role`, without reading the whole log."""
-        rows = self.store.query(
+        rows = self._messages(
             "SELECT * FROM messages WHERE session_key = ? AND role = ? ORDER BY seq DESC LIMIT 1",
             [self.key, role],
         )
-        return _message(rows[0]) if rows else None
+        return rows[0] if rows else None
+
+    def _messages(self, sql: str, params: list) -> list[Message]:
+        with self.store._read() as conn:
+            self._check(conn)
+            cur = conn.execute(sql, params)
+            names = [c[0] for c in cur.description]
+            return [_message(dict(zip(names, r, strict=True))) for r in cur.fetchall()]
 
     def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
         n = self.counts().get(0, 0)

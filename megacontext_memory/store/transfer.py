@@ -6,7 +6,8 @@ followed by one line per message, oldest first:
     {"seq": 0, "role": "user", "content": "...", "metadata": {...}, "created": 1.7e9,
      "token_start": 0, "token_end": 12}
 Only the message log travels: import re-tokenises every message and rebuilds the tree with
-the importing engine's model and GistNet, then restores the original timestamps.
+the importing engine's model and GistNet, then restores the original timestamps. It builds
+under a temporary id and swaps the result in, so `--replace` never loses the original.
 """
 
 from __future__ import annotations
@@ -107,29 +108,56 @@ def read_export(lines: Iterable[str]) -> Iterator[tuple[dict, list[dict]]]:
 
 
 def import_session(engine, header: dict, msgs: list[dict], session_id=None, replace=False):
-    """Rebuild one exported session in `engine`'s store; returns the engine Session."""
+    """Rebuild one exported session in `engine`'s store; returns the engine Session.
+
+    Every message is checked before the store is touched (an error names its index). The
+    session is built under a temporary id, not listed, then swapped in under its own id in
+    one commit: a failure halfway leaves the store as it was, an existing session included.
+    """
+    from ..engine import validate_message
+    from ..tree import MegaContextTree
+
     sid = header["session"] if session_id is None else session_id
     store = engine.store
     base, budget = engine.base, engine.config.working_budget
-    for i, m in enumerate(msgs):  # refuse the file before touching the store
-        n = len(base.encode(base.render_message(m["role"], m["content"])))
-        if n > budget:
+    encoded = []
+    for i, m in enumerate(msgs):
+        try:
+            validate_message(m.get("role"), m.get("content"), m.get("metadata") or {})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"message {i}: {e}") from None
+        ids = base.encode(base.render_message(m["role"], m["content"]))
+        if len(ids) > budget:
             raise ValueError(
-                f"message {i} is {n} tokens, longer than the working budget ({budget})"
+                f"message {i} is {len(ids)} tokens, longer than the working budget ({budget})"
             )
-    if store.has_session(sid):
-        if store.open_session(sid).row()["n_messages"] and not replace:
-            raise StoreError(f"session {sid!r} exists in {store.path}; pass --replace")
-        engine.delete_session(sid)
-    session = engine.session(sid)
-    created = {}
-    for m in msgs:
-        msg = session._append(m["role"], m["content"], m.get("metadata") or {})
-        if "created" in m:
-            created[msg.seq] = m["created"]
-    if created:
-        session.store.set_created(created)
-    return session
+        encoded.append(ids)
+    if store.has_session(sid) and store.open_session(sid).row()["n_messages"] and not replace:
+        raise StoreError(f"session {sid!r} exists in {store.path}; pass --replace")
+    staged = store.session(
+        f"{sid}\0import-{os.urandom(8).hex()}",
+        model=base.name,
+        width=base.width,
+        block_size=engine.config.block_size,
+        gist_dtype=engine.config.gist_dtype,
+        gist_version=engine.gister.version,
+        staging=True,
+    )
+    try:
+        tree = MegaContextTree(staged, engine.gister)
+        created = {}
+        for m, ids in zip(msgs, encoded, strict=True):
+            msg = tree.append(m["role"], m["content"], m.get("metadata") or {}, ids)
+            if "created" in m:
+                created[msg.seq] = m["created"]
+        if created:
+            staged.set_created(created)
+        store.swap_in(staged, sid)
+    except BaseException:
+        with contextlib.suppress(StoreError, OSError):
+            store.delete_session(staged.id)
+        raise
+    return engine.session(sid)
 
 
 def reindex(store: Store, gister, session_ids=None, force: bool = False) -> list[dict]:
@@ -149,10 +177,7 @@ def reindex(store: Store, gister, session_ids=None, force: bool = False) -> list
         if row["gist_version"] == gister.version and not force:
             rec["skipped"] = "already current"
         else:
-            with ss.lock():
-                tree = MegaContextTree(ss, gister)  # re-gists when the version differs
-                if force and rec["from"] == gister.version:
-                    tree.regist()
+            MegaContextTree(ss, gister, reindex=True).reindex(force=force)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         out.append(rec)
     return out
