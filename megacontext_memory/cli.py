@@ -25,6 +25,7 @@ DELEGATED = {
         "bench_memory_main",
         "recall of confusable facts as history grows: MegaContext vs RAG and baselines",
     ),
+    "gc": ("routing", "gc_main", "remove unused automatic adapter sessions older than an age"),
     "serve": ("serving.cli", "serve_main", "serve the engine as an OpenAI-compatible API"),
 }
 
