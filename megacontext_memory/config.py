@@ -23,8 +23,7 @@ class Config:
     recent_raw: int = 96  # newest tokens that always stay raw (the tail is always raw too)
     pin_system_tokens: int = 128  # a leading system message stays raw (at most budget/4)
     block_size: int = BLOCK_SIZE
-    tau_expand: float = 0.2
-    tau_collapse: float = 0.2
+    tau_expand: float = 0.2  # an expansion replaces a collapse only when it scores this much higher
     max_moves: int = 4  # N_diff: expand/collapse moves per refocus
     cooldown: int = 2  # refocus events (replies, completed blocks) before a block moves back
     refocus_rounds: int = 8  # refocus passes before each reply (lets focus descend levels)
@@ -55,8 +54,8 @@ class Config:
             )
         if self.pin_system_tokens < 0:
             raise ValueError(f"pin_system_tokens must be >= 0, got {self.pin_system_tokens}")
-        if self.tau_expand < 0 or self.tau_collapse < 0:
-            raise ValueError("tau_expand and tau_collapse must be >= 0")
+        if self.tau_expand < 0:
+            raise ValueError(f"tau_expand must be >= 0, got {self.tau_expand}")
         if self.recency_tokens < 1:
             raise ValueError(f"recency_tokens must be >= 1, got {self.recency_tokens}")
         if self.max_moves < 1 or self.cooldown < 0 or self.refocus_rounds < 1:
