@@ -41,6 +41,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -611,6 +612,10 @@ def gc_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--older-than", required=True, help="age: seconds, or 90m, 12h, 7d")
     ap.add_argument("--dry-run", action="store_true", help="list, delete nothing")
     args = ap.parse_args(argv)
-    removed = gc(args.store, parse_age(args.older_than), args.dry_run)
+    try:
+        removed = gc(args.store, parse_age(args.older_than), args.dry_run)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"megacontext gc: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"removed": removed, "dry_run": args.dry_run}))
     return 0
