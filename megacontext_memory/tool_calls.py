@@ -13,9 +13,11 @@ several fit) and every value.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 import uuid
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,7 +61,7 @@ def call_id(base: str, index: int) -> str:
     """Deterministic ids, so a history rebuilt from the store matches the original."""
     if not base:
         return f"call_{uuid.uuid4().hex[:24]}"
-    return "call_" + __import__("hashlib").sha256(f"{base}|{index}".encode()).hexdigest()[:24]
+    return "call_" + hashlib.sha256(f"{base}|{index}".encode()).hexdigest()[:24]
 
 
 def parse_calls(text: str) -> tuple[str, list[dict]]:
@@ -401,3 +403,72 @@ def _estimate(seg, max_string) -> int:
     if kind == "choice":
         return 8
     return 1
+
+
+# ---- one reply with tools bound (shared by the adapters and the server) ----------------
+@dataclass
+class ReplyPlan:
+    """How to decode one reply: a forced prefix, a logits processor, limits and stops."""
+
+    prefix: str = ""
+    processor: Guide | None = None
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    calls_allowed: bool = False
+
+
+def plan_reply(
+    base,
+    tools: list[dict],
+    tool_choice,
+    threshold: float,
+    max_string_tokens: int,
+    max_new_tokens: int,
+    stop: list[str],
+) -> ReplyPlan:
+    """The plan for a reply with `tools` bound (OpenAI function format; none: plain text).
+
+    `tool_choice` "none" keeps the tools described but lets the gate never open a call;
+    a call needs more tokens than a short text reply, so its estimate raises the limit.
+    """
+    if not tools:
+        return ReplyPlan(max_new_tokens=max_new_tokens, stop=list(stop))
+    allowed = tool_choice != "none"
+    vocab = vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
+    prefix, proc, allowance = plan(
+        tools,
+        tool_choice if allowed else None,
+        threshold if allowed else float("inf"),
+        vocab,
+        max_string_tokens,
+        max_new_tokens,
+    )
+    if not allowed:
+        return ReplyPlan("", proc, max_new_tokens, list(stop), False)
+    return ReplyPlan(
+        prefix, proc, max(max_new_tokens, allowance), [] if prefix else list(stop), True
+    )
+
+
+class TextStream:
+    """Passes a reply's text on as it is decoded, unless the reply opens a tool call:
+    that is held back and comes whole, parsed, at the end."""
+
+    def __init__(self, calling: bool = False):
+        self.held, self.streaming, self.calling = "", False, calling
+
+    def feed(self, piece: str) -> str:
+        """The text to pass on now ("" while it may still open a call)."""
+        if self.calling:
+            return ""
+        self.held += piece
+        lead = self.held.lstrip()
+        if not self.streaming:
+            if not lead or OPEN.startswith(lead):
+                return ""
+            if lead.startswith(OPEN):
+                self.calling = True
+                return ""
+            self.streaming = True
+        out, self.held = self.held, ""
+        return out

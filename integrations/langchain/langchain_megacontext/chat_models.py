@@ -30,7 +30,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from megacontext_memory import tool_calls as _guide
-from megacontext_memory.routing import ORIGIN, Item, Router, router_for
+from megacontext_memory.chat import Reply, run_turn
+from megacontext_memory.routing import Item, Router, router_for
 
 ROUTER_NAME, ID_PREFIX = "langchain", "lc-"
 SESSION_TAG = "megacontext_session"
@@ -96,16 +97,6 @@ def tagged_session(messages: Sequence[BaseMessage]) -> str | None:
     if len(tags) > 1:
         raise ValueError(f"messages from several sessions {sorted(tags)} in one call")
     return tags.pop() if tags else None
-
-
-def tool_rounds(messages: Sequence[BaseMessage]) -> int:
-    """Tool calls answered since the newest user message."""
-    n = 0
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            break
-        n += isinstance(m, AIMessage) and bool(m.tool_calls)
-    return n
 
 
 def reply_message(text: str, tools_bound: bool, base: str) -> tuple[str, list[dict]]:
@@ -295,102 +286,57 @@ class ChatMegaContext(BaseChatModel):
     def _turn(
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict
     ) -> Iterator[tuple[str, Any]]:
-        """Yields ("text", piece)... then ("done", (AIMessage fields, usage, metadata))."""
+        """Yields ("call" | "text", ""), ("text", piece)..., then ("done", (content, tool
+        calls, usage, metadata)); the turn itself is `megacontext_memory.chat.run_turn`."""
         model = kwargs.get("model")
         if model and model not in (self.model, self.model_name_resolved):
             raise ValueError(
                 f"ChatMegaContext serves {self.model_name_resolved!r}; per-call model "
                 f"override {model!r} is not supported"
             )
-        engine = self.engine
-        tools = kwargs.get("tools") or []
-        tool_choice = kwargs.get("tool_choice")
-        answering = bool(messages) and isinstance(messages[-1], ToolMessage)
-        if (
-            answering
-            and tool_choice in (None, "auto")
-            and tool_rounds(messages) >= self.max_tool_rounds
-        ):
-            tool_choice = "none"  # the tools stay described: the conversation is the same
-        items = [it for it in (to_item(m) for m in messages) if it is not None]
-        for it in items:
-            if it.role == "system":
-                it.metadata[ORIGIN] = "prompt-system"
-        extra = []
-        if tools:
-            extra.append(Item("system", _guide.tools_prompt(tools), {ORIGIN: "tools"}, "tools"))
-        max_new = int(kwargs.get("max_tokens") or self.max_tokens)
-        stop = list(stop or kwargs.get("stop") or self.stop or [])
-        sid = self._session_for(messages, kwargs)
-        ephemeral = bool(kwargs.get("ephemeral", self.ephemeral))
-        with self.router.turn(items, sid, extra, self.system_refresh_tokens, ephemeral) as turn:
-            session = turn.session
-            prefix, proc, allowance = "", None, 0
-            calls_allowed = bool(tools) and tool_choice != "none"
-            if tools:  # with calls not allowed, the gate never opens one
-                base = engine.base
-                vocab = _guide.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
-                prefix, proc, allowance = _guide.plan(
-                    tools,
-                    tool_choice if calls_allowed else None,
-                    self.tool_call_threshold if calls_allowed else float("inf"),
-                    vocab,
-                    self.max_string_tokens,
-                    max_new,
-                )
-                if calls_allowed:
-                    max_new = max(max_new, allowance)
-                    stop = [] if prefix else stop
-            yield "call" if prefix else "text", ""
-            room = self.working_budget - session.config.recent_raw - 2 * 32 - 64
-            max_new = max(1, min(max_new, room))
-            pieces = session.generate(
-                max_new,
-                stream=True,
-                temperature=float(kwargs.get("temperature", self.temperature)),
-                top_p=float(kwargs.get("top_p", self.top_p)),
-                stop=stop,
-                seed=kwargs.get("seed", self.seed),
-                prefix=prefix,
-                logits_processor=proc,
-            )
-            out: list[str] = []
-            try:
-                for piece in pieces:
-                    out.append(piece)
-                    yield "text", piece
-            finally:
-                pieces.close()
-                text = "".join(out)
-                content, tool_calls = reply_message(text, calls_allowed, turn.head)
-                reply = AIMessage(content=content, tool_calls=tool_calls)
-                turn.commit_reply(to_item(reply))
-            tel = session.telemetry[-1]
-            n_out = len(engine.base.encode(text[len(prefix) :])) if text else 0
-            if tool_calls:
-                finish = "tool_calls"
-            elif n_out >= max_new:
-                finish = "length"
-            else:
-                finish = "stop"
-            n_in = tel.prefill_tokens + tel.reused_prefix
+        turn = run_turn(
+            self.router,
+            [it for it in (to_item(m) for m in messages) if it is not None],
+            session_id=self._session_for(messages, kwargs),
+            tools=kwargs.get("tools") or [],
+            tool_choice=kwargs.get("tool_choice"),
+            max_tool_rounds=self.max_tool_rounds,
+            max_new_tokens=int(kwargs.get("max_tokens") or self.max_tokens),
+            stop=list(stop or kwargs.get("stop") or self.stop or []),
+            temperature=float(kwargs.get("temperature", self.temperature)),
+            top_p=float(kwargs.get("top_p", self.top_p)),
+            seed=kwargs.get("seed", self.seed),
+            tool_call_threshold=self.tool_call_threshold,
+            max_string_tokens=self.max_string_tokens,
+            system_refresh_tokens=self.system_refresh_tokens,
+            ephemeral=bool(kwargs.get("ephemeral", self.ephemeral)),
+        )
+        for kind, value in turn:
+            if kind != "done":
+                yield kind, value
+                continue
+            r: Reply = value
+            tool_calls = [
+                {"name": c["name"], "args": c["args"], "id": c["id"], "type": "tool_call"}
+                for c in r.calls
+            ]
             usage = {
-                "input_tokens": n_in,
-                "output_tokens": n_out,
-                "total_tokens": n_in + n_out,
-                "input_token_details": {"cache_read": tel.reused_prefix},
+                "input_tokens": r.prompt_tokens,
+                "output_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens,
+                "input_token_details": {"cache_read": r.cached_tokens},
             }
             meta = {
-                "model_name": engine.base.name,
+                "model_name": r.model_name,
                 "model_provider": "megacontext",
-                "session_id": session.id,
-                "positions_used": tel.positions_used,
-                "history_tokens": session.token_count(),
-                "prefill_tokens": tel.prefill_tokens,
-                "ingested_messages": len(turn.ingested),
-                "finish_reason": finish,
+                "session_id": r.session_id,
+                "positions_used": r.positions_used,
+                "history_tokens": r.history_tokens,
+                "prefill_tokens": r.prefill_tokens,
+                "ingested_messages": r.ingested_messages,
+                "finish_reason": r.finish_reason,
             }
-        yield "done", (content, tool_calls, usage, meta)
+            yield "done", (r.content, tool_calls, usage, meta)
 
     def _generate(
         self,
@@ -422,23 +368,12 @@ class ChatMegaContext(BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         """Text streams token by token, also with tools bound; a tool call comes whole."""
-        held, streaming, calling = "", False, False
+        text = _guide.TextStream()
         for kind, value in self._turn(messages, stop, kwargs):
             if kind == "call":
-                calling = True
-            elif kind == "text" and not calling:
-                held += value
-                lead = held.lstrip()
-                if not streaming and (not lead or _guide.OPEN.startswith(lead)):
-                    continue  # may still open a tool call
-                if not streaming and lead.startswith(_guide.OPEN):
-                    calling = True  # the model opened one itself: it comes whole at the end
-                    continue
-                streaming = True
-                if not held:
-                    continue
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=held))
-                held = ""
+                text.calling = True
+            elif kind == "text" and (piece := text.feed(value)):
+                chunk = ChatGenerationChunk(message=AIMessageChunk(content=piece))
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
                 yield chunk
@@ -450,7 +385,7 @@ class ChatMegaContext(BaseChatModel):
                 for i, c in enumerate(tool_calls)
             ]
             last = AIMessageChunk(
-                content="" if streaming else content,
+                content="" if text.streaming else content,
                 tool_call_chunks=chunks,
                 usage_metadata=usage,
                 response_metadata=meta,

@@ -27,7 +27,8 @@ from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
 
 from megacontext_memory import tool_calls
-from megacontext_memory.routing import ORIGIN, Item, Router, router_for
+from megacontext_memory.chat import Reply, run_turn
+from megacontext_memory.routing import Item, Router, router_for
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -100,16 +101,6 @@ def tagged_session(messages: Sequence[ChatMessage]) -> str | None:
     if len(tags) > 1:
         raise ValueError(f"messages from several sessions {sorted(tags)} in one call")
     return tags.pop() if tags else None
-
-
-def tool_rounds(messages: Sequence[ChatMessage]) -> int:
-    """Tool calls answered since the newest user message."""
-    n = 0
-    for m in reversed(messages):
-        if m.role == MessageRole.USER:
-            break
-        n += m.role == MessageRole.ASSISTANT and bool(message_calls(m))
-    return n
 
 
 @contextlib.contextmanager
@@ -208,98 +199,48 @@ class MegaContextLLM(FunctionCallingLLM):
         return named or tagged
 
     def _turn(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[tuple[str, Any]]:
-        """Yields ("call" | "text", ""), ("text", piece)..., then ("done", (text, calls, info))."""
-        engine = self.engine
-        tools = kwargs.get("tools") or []
-        tool_choice = kwargs.get("tool_choice")
-        answering = bool(messages) and messages[-1].role == MessageRole.TOOL
-        if (
-            answering
-            and tool_choice in (None, "auto")
-            and tool_rounds(messages) >= self.max_tool_rounds
-        ):
-            tool_choice = "none"
-        items = [it for it in (to_item(m) for m in messages) if it is not None]
-        for it in items:
-            if it.role == "system":
-                it.metadata[ORIGIN] = "prompt-system"
-        extra = []
-        if tools:
-            prompt = tool_calls.tools_prompt(tools)
-            extra.append(Item("system", prompt, {ORIGIN: "tools"}, "tools"))
-        max_new = int(kwargs.get("max_tokens") or self.max_tokens)
-        stop = list(kwargs.get("stop") or self.stop or [])
-        sid = self._session_for(messages, kwargs)
-        ephemeral = bool(kwargs.get("ephemeral", self.ephemeral or _ONE_OFF.get()))
-        with self.router.turn(items, sid, extra, self.system_refresh_tokens, ephemeral) as turn:
-            session = turn.session
-            prefix, proc = "", None
-            calls_allowed = bool(tools) and tool_choice != "none"
-            if tools:  # with calls not allowed, the gate never opens one
-                base = engine.base
-                vocab = tool_calls.vocab_for(base.tokenizer, base.tokenizer.eos_token_id)
-                prefix, proc, allowance = tool_calls.plan(
-                    tools,
-                    tool_choice if calls_allowed else None,
-                    self.tool_call_threshold if calls_allowed else float("inf"),
-                    vocab,
-                    self.max_string_tokens,
-                    max_new,
-                )
-                if calls_allowed:
-                    max_new = max(max_new, allowance)
-                    stop = [] if prefix else stop
-            yield "call" if prefix else "text", ""
-            room = self.working_budget - session.config.recent_raw - 2 * 32 - 16
-            max_new = max(1, min(max_new, room))
-            pieces = session.generate(
-                max_new,
-                stream=True,
-                temperature=float(kwargs.get("temperature", self.temperature)),
-                top_p=float(kwargs.get("top_p", self.top_p)),
-                stop=stop,
-                seed=kwargs.get("seed", self.seed),
-                prefix=prefix,
-                logits_processor=proc,
-            )
-            out: list[str] = []
-            try:
-                for piece in pieces:
-                    out.append(piece)
-                    yield "text", piece
-            finally:
-                pieces.close()
-                text = "".join(out)
-                content, calls = text, []
-                if calls_allowed or tool_calls.OPEN in text:
-                    content, parsed = tool_calls.parse_calls(text)
-                    calls = [
-                        {"id": tool_calls.call_id(turn.head, i), **c} for i, c in enumerate(parsed)
-                    ]
-                turn.commit_reply(to_item(_reply(content, calls)))
-            tel = session.telemetry[-1]
-            n_out = len(engine.base.encode(text[len(prefix) :])) if text else 0
-            n_in = tel.prefill_tokens + tel.reused_prefix
+        """Yields ("call" | "text", ""), ("text", piece)..., then ("done", (text, calls,
+        info)); the turn itself is `megacontext_memory.chat.run_turn`."""
+        turn = run_turn(
+            self.router,
+            [it for it in (to_item(m) for m in messages) if it is not None],
+            session_id=self._session_for(messages, kwargs),
+            tools=kwargs.get("tools") or [],
+            tool_choice=kwargs.get("tool_choice"),
+            max_tool_rounds=self.max_tool_rounds,
+            max_new_tokens=int(kwargs.get("max_tokens") or self.max_tokens),
+            stop=list(kwargs.get("stop") or self.stop or []),
+            temperature=float(kwargs.get("temperature", self.temperature)),
+            top_p=float(kwargs.get("top_p", self.top_p)),
+            seed=kwargs.get("seed", self.seed),
+            tool_call_threshold=self.tool_call_threshold,
+            max_string_tokens=self.max_string_tokens,
+            system_refresh_tokens=self.system_refresh_tokens,
+            ephemeral=bool(kwargs.get("ephemeral", self.ephemeral or _ONE_OFF.get())),
+        )
+        for kind, value in turn:
+            if kind != "done":
+                yield kind, value
+                continue
+            r: Reply = value
             usage = {
-                "prompt_tokens": n_in,
-                "completion_tokens": n_out,
-                "total_tokens": n_in + n_out,
-                "cached_tokens": tel.reused_prefix,
+                "prompt_tokens": r.prompt_tokens,
+                "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens,
+                "cached_tokens": r.cached_tokens,
             }
             info = {
-                "model_name": engine.base.name,
-                "session_id": session.id,
+                "model_name": r.model_name,
+                "session_id": r.session_id,
                 "usage": usage,
                 **usage,
-                "prefill_tokens": tel.prefill_tokens,
-                "positions_used": tel.positions_used,
-                "history_tokens": session.token_count(),
-                "ingested_messages": len(turn.ingested),
-                "finish_reason": "tool_calls"
-                if calls
-                else ("length" if n_out >= max_new else "stop"),
+                "prefill_tokens": r.prefill_tokens,
+                "positions_used": r.positions_used,
+                "history_tokens": r.history_tokens,
+                "ingested_messages": r.ingested_messages,
+                "finish_reason": r.finish_reason,
             }
-        yield "done", (content, calls, info)
+            yield "done", (r.content, r.calls, info)
 
     @staticmethod
     def _response(
@@ -316,26 +257,18 @@ class MegaContextLLM(FunctionCallingLLM):
 
     def _stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         """Text streams piece by piece; a tool call comes whole in the last response."""
-        text, held, streaming, calling = "", "", False, False
+        text, stream = "", tool_calls.TextStream()
         for kind, value in self._turn(messages, kwargs):
             if kind == "call":
-                calling = True
-            elif kind == "text" and not calling:
-                held += value
-                lead = held.lstrip()
-                if not streaming and (not lead or tool_calls.OPEN.startswith(lead)):
-                    continue
-                if not streaming and lead.startswith(tool_calls.OPEN):
-                    calling = True
-                    continue
-                streaming = True
-                if held:
-                    text += held
-                    yield self._response(text, [], {}, delta=held)
-                    held = ""
+                stream.calling = True
+            elif kind == "text" and (piece := stream.feed(value)):
+                text += piece
+                yield self._response(text, [], {}, delta=piece)
             elif kind == "done":
                 content, calls, info = value
-                yield self._response(content, calls, info, delta="" if streaming else content)
+                yield self._response(
+                    content, calls, info, delta="" if stream.streaming else content
+                )
 
     # ---- LlamaIndex API: each public call emits its events once --------------------------
     @llm_chat_callback()
