@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 FACT, QUESTION, ANSWER = (
-    "Please remember this: my storage unit code is 7391.",
-    "What is my storage unit code?",
+    "My storage unit code is 7391.",
+    "What is my storage unit code? Answer with the number.",
     "7391",
 )
 SMALL_TALK = [
@@ -30,6 +30,15 @@ SMALL_TALK = [
     "I am reading a book about ships.",
     "The chapters are short, which I like.",
     "Tomorrow I will visit my aunt.",
+    "She lives near the old harbour.",
+    "We usually bake bread together.",
+    "Last time the loaf came out flat.",
+    "I think the oven was too cold.",
+    "This time I will buy fresh yeast.",
+    "Her cat always sits on the windowsill.",
+    "It watches the boats come in.",
+    "In the evening we play cards.",
+    "She wins almost every game.",
 ]
 
 
@@ -156,6 +165,41 @@ def test_langchain_chat_openai_pins_a_session_by_header(server):
     assert ANSWER in _conversation(say)
     streamed = list(llm.stream([HumanMessage("Say hello.")]))
     assert sum(bool(c.content) for c in streamed) > 1
+
+
+def test_chat_openai_calls_a_tool_and_answers_from_its_result(server):
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return f"It is sunny and 21 degrees in {city}."
+
+    llm = ChatOpenAI(
+        base_url=server.url + "/v1",
+        api_key="sk-test",
+        model="megacontext",
+        max_tokens=32,
+        temperature=0,
+        default_headers={"X-Session-Id": "lc-tools"},
+    )
+    question = HumanMessage("What is the weather in Paris?")
+    call = llm.bind_tools([get_weather], tool_choice="get_weather").invoke([question])
+    assert [c["name"] for c in call.tool_calls] == ["get_weather"]
+    assert isinstance(call.tool_calls[0]["args"].get("city"), str)
+    result = ToolMessage(
+        get_weather.invoke(call.tool_calls[0]["args"]), tool_call_id=call.tool_calls[0]["id"]
+    )
+    streamed = list(llm.bind_tools([get_weather]).stream([question, call, result]))
+    answer = "".join(c.content for c in streamed)
+    assert answer.strip() and not any(c.tool_call_chunks for c in streamed)
+    _, body = server.request("GET", "/v1/sessions/lc-tools/messages")
+    log = [(m["role"], m["content"]) for m in body["messages"]]
+    calls = [text for role, text in log if role == "assistant" and "<tool_call>" in text]
+    assert len(calls) == 1 and "get_weather" in calls[0]  # the call, stored once
+    assert log.count(("tool", result.content)) == 1 and log[-1] == ("assistant", answer)
 
 
 def test_llamaindex_openai_like_is_routed_by_content(server):

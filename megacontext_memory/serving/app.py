@@ -35,9 +35,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
+from ..chat import Reply, reply_item, run_turn
 from ..engine import MegaContextEngine
 from ..routing import Item, get_router
 from ..store.transfer import export_lines
+from ..tool_calls import TextStream
 from .metrics import Metrics
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
@@ -60,7 +62,10 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
+    tool_calls: list[dict[str, Any]] | None = None
+
     def item(self, index: int) -> Item:
+        """The message as the session holds it (tool calls rendered as the model writes them)."""
         role = ROLES.get(self.role)
         if role is None:
             raise APIError(
@@ -74,7 +79,22 @@ class ChatMessage(BaseModel):
                         400, f"messages[{index}] has a {part.get('type')!r} part; text only"
                     )
                 text += str(part.get("text", ""))
+        if role == "assistant" and self.tool_calls:
+            return reply_item(text, [_call(c, index) for c in self.tool_calls])
         return Item(role, text)
+
+
+def _call(call: dict, index: int) -> dict:
+    """An OpenAI tool call ({"function": {"name", "arguments": JSON text}}) as {"name", "args"}."""
+    fn = call.get("function") or {}
+    args = fn.get("arguments") or "{}"
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        raise APIError(400, f"messages[{index}].tool_calls: arguments are not JSON") from None
+    if not isinstance(fn.get("name"), str) or not isinstance(args, dict):
+        raise APIError(400, f"messages[{index}].tool_calls: need a name and object arguments")
+    return {"name": fn["name"], "args": args}
 
 
 class ChatRequest(BaseModel):
@@ -90,6 +110,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     user: str | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
 
     @field_validator("stop")
@@ -129,42 +150,44 @@ class Server:
         return self.engine.session(session_id)
 
     # ---- turns ------------------------------------------------------------------------
-    def turn(self, req: ChatRequest, session_id: str | None, emit: Callable[[str], None]) -> dict:
-        """Ingest what is new, write the reply (each piece passed to `emit`); runs on a
-        worker thread and returns the turn's summary."""
+    def turn(
+        self, req: ChatRequest, session_id: str | None, emit: Callable[[str], None]
+    ) -> tuple[Reply, bool]:
+        """Ingest what is new and write the reply, passing streamable text to `emit`; runs
+        on a worker thread (see `chat.run_turn`). Returns the reply and whether its text
+        went out through `emit` (a tool call comes whole at the end instead)."""
         items = [m.item(i) for i, m in enumerate(req.messages)]
         items = [it for it in items if it.text.strip()]
         if not any(it.role != "system" for it in items):
             raise APIError(400, "messages hold no user, assistant or tool text to answer")
-        max_tokens = req.max_completion_tokens or req.max_tokens or self.default_max_tokens
+        tools = req.tools or []
+        for i, tool in enumerate(tools):
+            if tool.get("type", "function") != "function" or "name" not in tool.get("function", {}):
+                raise APIError(400, f"tools[{i}] is not a function tool with a name", param="tools")
         t0 = time.perf_counter()
-        with self.router.turn(items, session_id) as turn:
-            session, out = turn.session, []
-            for piece in session.generate(
-                max_new_tokens=max_tokens,
-                stream=True,
-                temperature=req.temperature,
-                top_p=req.top_p,
-                stop=req.stop,
-                seed=req.seed,
-            ):
-                out.append(piece)
+        text = TextStream()
+        turn = run_turn(
+            self.router,
+            items,
+            session_id=session_id,
+            tools=tools,
+            tool_choice=_choice(req.tool_choice, tools),
+            max_new_tokens=req.max_completion_tokens or req.max_tokens or self.default_max_tokens,
+            stop=req.stop or [],
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+        )
+        for kind, value in turn:
+            if kind == "call":
+                text.calling = True
+            elif kind == "text" and (piece := text.feed(value)):
                 emit(piece)
-            reply = "".join(out)
-            turn.commit_reply(Item("assistant", reply) if reply.strip() else None)
-            tel = session.telemetry[-1]
-            completion = len(self.engine.base.encode(reply)) if reply else 0
-        self.metrics.turn(tel, time.perf_counter() - t0)
-        return {
-            "session": session.id,
-            "reply": reply,
-            "finish_reason": "length" if completion >= max_tokens else "stop",
-            "usage": {
-                "prompt_tokens": tel.positions_used,
-                "completion_tokens": completion,
-                "total_tokens": tel.positions_used + completion,
-            },
-        }
+            elif kind == "done":
+                reply = value
+        session = self.engine.session(reply.session_id)
+        self.metrics.turn(session.telemetry[-1], time.perf_counter() - t0)
+        return reply, text.streaming
 
     def append(self, session_id: str, messages: list[ChatMessage]) -> dict:
         """Append messages without a reply; every message is checked before any is stored."""
@@ -184,6 +207,40 @@ class Server:
 def _error(status: int, message: str, kind: str, param=None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
+
+
+def _choice(choice, tools: list[dict]):
+    """OpenAI's `tool_choice` in the engine's terms ("any" for "required", a name for one)."""
+    if not tools or choice in (None, "auto", "none"):
+        return choice
+    if choice == "required":
+        return "any"
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    names = [t["function"]["name"] for t in tools]
+    if name not in names:
+        raise APIError(400, f"tool_choice {choice!r} names none of the tools {names}")
+    return name
+
+
+def _usage(r: Reply) -> dict:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+    }
+
+
+def _tool_calls(r: Reply) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "id": c["id"],
+            "type": "function",
+            "function": {"name": c["name"], "arguments": json.dumps(c["args"])},
+        }
+        for i, c in enumerate(r.calls)
+    ]
 
 
 def _completion_id() -> str:
@@ -276,28 +333,25 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        if req.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
         session_id = request.headers.get("x-session-id") or req.user
         if session_id is not None:
             server.check_id(session_id)
         cid = _completion_id()
         if not req.stream:
-            result = await asyncio.to_thread(server.turn, req, session_id, lambda _: None)
+            reply, _ = await asyncio.to_thread(server.turn, req, session_id, lambda _: None)
+            message = {"role": "assistant", "content": reply.content or None}
+            if reply.calls:
+                message["tool_calls"] = _tool_calls(reply)
+            else:
+                message["content"] = reply.content
             return {
                 "id": cid,
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": result["reply"]},
-                        "finish_reason": result["finish_reason"],
-                    }
-                ],
-                "usage": result["usage"],
-                "session_id": result["session"],
+                "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+                "usage": _usage(reply),
+                "session_id": reply.session_id,
             }
         return StreamingResponse(
             _stream(server, req, session_id, cid, name),
@@ -317,10 +371,8 @@ def create_app(
     @app.delete("/v1/sessions/{session_id}")
     def delete(session_id: str) -> dict:
         server.existing(session_id)
-        with server.router.lock(session_id):
-            deleted = engine.delete_session(session_id)
-            server.router.forget(session_id)
-        return {"session": session_id, "deleted": deleted}
+        server.router.discard(session_id)
+        return {"session": session_id, "deleted": True}
 
     @app.get("/v1/sessions/{session_id}/export")
     def export(session_id: str) -> Response:
@@ -369,6 +421,11 @@ async def _stream(
         message = e.message if isinstance(e, APIError) else f"{type(e).__name__}: {e}"
         yield f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': status}})}\n\n"
     else:
-        result = outcome["result"]
-        yield _chunk(cid, model, {}, result["finish_reason"], usage=result["usage"])
+        reply, streamed = outcome["result"]
+        delta: dict[str, Any] = {}
+        if not streamed and reply.content:
+            delta["content"] = reply.content
+        if reply.calls:
+            delta["tool_calls"] = _tool_calls(reply)
+        yield _chunk(cid, model, delta, reply.finish_reason, usage=_usage(reply))
     yield "data: [DONE]\n\n"
