@@ -27,6 +27,11 @@ DELEGATED = {
     ),
     "gc": ("routing", "gc_main", "remove unused automatic adapter sessions older than an age"),
     "serve": ("serving.cli", "serve_main", "serve the engine as an OpenAI-compatible API"),
+    "bench serve": (
+        "eval.serve_bench",
+        "bench_serve_main",
+        "turns/s and latency at 1-32 concurrent sessions, in-process vs served",
+    ),
 }
 
 
