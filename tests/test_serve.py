@@ -45,8 +45,8 @@ SMALL_TALK = [
 class Server:
     """A `megacontext serve` subprocess on a free port over one store."""
 
-    def __init__(self, store: Path, api_key: str | None = None):
-        self.store, self.api_key, self.proc = store, api_key, None
+    def __init__(self, store: Path, api_key: str | None = None, budget: int = 512):
+        self.store, self.api_key, self.budget, self.proc = store, api_key, budget, None
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -54,7 +54,8 @@ class Server:
 
     def start(self) -> Server:
         cmd = [sys.executable, "-m", "megacontext_memory.cli", "serve", "--store", str(self.store)]
-        cmd += ["--port", str(self.port), "--budget", "512", "--max-tokens", "24"]
+        cmd += ["--port", str(self.port), "--budget", str(self.budget)]
+        cmd += ["--max-tokens", "24"]
         cmd += ["--engine-option", "gist_refine_steps=0"]
         if self.api_key:
             cmd += ["--api-key", self.api_key]
@@ -91,7 +92,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("served"), api_key="sk-test").start()
+    # The 20-turn conversations (~530 tokens) fit the budget: what is tested here is that
+    # the server stores each message once and routes every turn to its session, so the
+    # reader sees what the in-process engine shows it (and answers the same).
+    s = Server(tmp_path_factory.mktemp("served"), api_key="sk-test", budget=1024).start()
     yield s
     s.kill(signal.SIGTERM)
 
