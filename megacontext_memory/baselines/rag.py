@@ -30,9 +30,12 @@ from pathlib import Path
 import numpy as np
 
 EMBEDDER = "all-MiniLM-L6-v2"
-# Tuned on the dev split of `megacontext bench memory` (see cookbook/rag_vs_megacontext.md).
-CHUNK_TOKENS = 128
-TOP_K = 4
+# Tuned on the dev split only: `megacontext bench memory --split dev --systems rag --sizes
+# 2000 8000 --tasks 8 --chunk-tokens 64 192 --k 2 4 8` (stopped after 2 tasks per size):
+# k=2 answered 3 of 4 with either chunk size, k=4 and k=8 at most 2 (more retrieved
+# look-alikes confuse the reader); 64-token chunks index faster than 192.
+CHUNK_TOKENS = 64
+TOP_K = 2
 FORMAT_VERSION = 1
 
 Counter = Callable[[str, str], int]  # (role, text) -> tokens in the reader's template

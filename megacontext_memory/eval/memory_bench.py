@@ -12,7 +12,7 @@ shows of the history (see `eval/tasks.py` for the tasks):
 
 A reply is correct when it names the latest value (any accepted form) and none of the
 distractors (the siblings' values, the superseded value); `answer_mentioned` counts replies
-that name it at all. Tune RAG on dev only (`--chunk-tokens 64 128 --k 2 4 --split dev`
+that name it at all. Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
 runs the grid); a grid on the test split is refused.
 
     megacontext bench memory --quick
