@@ -406,6 +406,7 @@ def run(
             }
             summary_path.write_text(json.dumps(result, indent=2))
 
+        write()
         # Sizes take turns, so a run stopped early has results at every size.
         for i in range(max(tasks_per_size.values())):
             for size in sizes:
