@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from megacontext_memory.serving.process import ServerProcess
 
 FACT, QUESTION, ANSWER = (
     "My storage unit code is 7391.",
@@ -42,38 +40,13 @@ SMALL_TALK = [
 ]
 
 
-class Server:
-    """A `megacontext serve` subprocess on a free port over one store."""
+class Server(ServerProcess):
+    """The served engine, with a helper for raw requests."""
 
     def __init__(self, store: Path, api_key: str | None = None, budget: int = 512):
-        self.store, self.api_key, self.budget, self.proc = store, api_key, budget, None
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        cmd = [sys.executable, "-m", "megacontext_memory.cli", "serve", "--store", str(self.store)]
-        cmd += ["--port", str(self.port), "--budget", str(self.budget)]
-        cmd += ["--max-tokens", "24"]
-        cmd += ["--engine-option", "gist_refine_steps=0"]
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=2)
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise TimeoutError("server did not start")
-
-    def kill(self, sig=signal.SIGKILL) -> None:
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=60)
+        options = ["gist_refine_steps=0"]  # ingest speed, not gist quality, is under test
+        super().__init__(store, budget=budget, api_key=api_key, max_tokens=24, options=options)
+        self.api_key = api_key
 
     def request(self, method: str, path: str, body=None, headers=None, raw: bytes | None = None):
         """(status, parsed JSON or bytes) of one request."""
@@ -97,7 +70,7 @@ def server(tmp_path_factory):
     # reader sees what the in-process engine shows it (and answers the same).
     s = Server(tmp_path_factory.mktemp("served"), api_key="sk-test", budget=1024).start()
     yield s
-    s.kill(signal.SIGTERM)
+    s.stop()
 
 
 def _conversation(say) -> str:
@@ -316,7 +289,7 @@ def test_concurrent_clients_stay_isolated_and_survive_sigkill(tmp_path):
     for t in threads:
         t.join(timeout=900)
     assert not any(t.is_alive() for t in threads) and not errors, errors
-    server.kill()
+    server.stop(signal.SIGKILL)
     server.start()
     try:
         for k in range(n_clients):
@@ -325,4 +298,4 @@ def test_concurrent_clients_stay_isolated_and_survive_sigkill(tmp_path):
             assert users == ["Hello!"] + [f"Client {k} says line {t}." for t in range(1, n_turns)]
             assert len(body["messages"]) == 2 * n_turns  # every reply stored, once
     finally:
-        server.kill(signal.SIGTERM)
+        server.stop()

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +21,7 @@ import numpy as np
 
 from ..engine import MegaContextEngine
 from ..routing import Item, get_router
+from ..serving.process import ServerProcess
 from .memory_bench import git_commit
 
 LINES = [
@@ -88,50 +86,22 @@ def bench_in_process(engine: MegaContextEngine, n: int, turns: int, max_tokens: 
     return _row(*_clients(n, turns, one_turn))
 
 
-class ServedEngine:
-    """A `megacontext serve` subprocess on a free localhost port."""
-
-    def __init__(self, store: str, budget: int, options: list[str], device: str | None):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "megacontext_memory.cli", "serve", "--store", store]
-        cmd += ["--port", str(self.port), "--budget", str(budget)]
-        cmd += ["--device", device] if device else []
-        for option in options:
-            cmd += ["--engine-option", option]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 600
-        while time.time() < deadline and self.proc.poll() is None:
-            try:
-                urllib.request.urlopen(self.url + "/healthz", timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.close()
-        raise RuntimeError("megacontext serve did not start")
-
-    def chat(self, session_id: str, text: str, max_tokens: int) -> None:
-        body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
-        req = urllib.request.Request(
-            self.url + "/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "X-Session-Id": session_id},
-        )
-        with urllib.request.urlopen(req, timeout=600) as r:
-            json.loads(r.read())
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
+def _chat(url: str, session_id: str, text: str, max_tokens: int) -> None:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    req = urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-Session-Id": session_id},
+    )
+    with urllib.request.urlopen(req, timeout=600) as r:
+        json.loads(r.read())
 
 
-def bench_served(server: ServedEngine, n: int, turns: int, max_tokens: int) -> dict:
+def bench_served(url: str, n: int, turns: int, max_tokens: int) -> dict:
     prefix = f"served-{n}-{time.time_ns()}"
 
     def one_turn(k: int, t: int) -> None:
-        server.chat(f"{prefix}-{k}", LINES[t % len(LINES)], max_tokens)
+        _chat(url, f"{prefix}-{k}", LINES[t % len(LINES)], max_tokens)
 
     return _row(*_clients(n, turns, one_turn))
 
@@ -169,14 +139,15 @@ def bench_serve_main(argv: list[str] | None = None) -> int:
         )
         for n in args.clients:
             rows["in_process"][str(n)] = bench_in_process(engine, n, args.turns, args.max_tokens)
-        server = ServedEngine(
-            str(Path(tmp) / "served"), args.budget, args.engine_option, args.device
+        served = ServerProcess(
+            Path(tmp) / "served",
+            budget=args.budget,
+            device=args.device,
+            options=args.engine_option,
         )
-        try:
+        with served:
             for n in args.clients:
-                rows["served"][str(n)] = bench_served(server, n, args.turns, args.max_tokens)
-        finally:
-            server.close()
+                rows["served"][str(n)] = bench_served(served.url, n, args.turns, args.max_tokens)
     result = {
         **rows,
         "device": str(engine.base.device),
