@@ -276,3 +276,26 @@ def test_shipped_checkpoint_loads_for_the_default_model(gist_base):
     assert meta["base_model"] == gist_base.name and meta.get("metrics")
     g = stack.from_tokens(gist_base, torch.randint(0, 1000, (2, 32)))
     assert g.shape == (2, gist_base.width) and torch.isfinite(g).all()
+
+
+def test_engine_view_windows_come_from_documents_no_probe_saw(gist_base):
+    from megacontext_memory.eval.gist_eval import (
+        PROBE_PREFIX,
+        PROBE_SEED,
+        probe_free_streams,
+        probe_settings,
+    )
+    from megacontext_memory.models.checkpoint import SHIPPED
+
+    meta = json.loads(SHIPPED.with_suffix(".json").read_text())
+    probes = probe_settings(meta)
+    assert (1, 32) in probes
+    free = probe_free_streams(gist_base, probes)
+    for level, per_source in probes:
+        spec = data.WindowSpec(PROBE_PREFIX, 1, 32, span=32**level)
+        seen = data.heldout_windows(gist_base, spec, per_source, seed=PROBE_SEED)
+        for src, windows in seen.items():
+            assert 0 < len(free[src]) < len(data.token_stream(gist_base, src, "heldout"))
+            haystack = free[src].astype("<u4").tobytes()
+            for w in windows:
+                assert haystack.find(w[:48].astype("<u4").tobytes()) == -1

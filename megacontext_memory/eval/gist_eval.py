@@ -20,6 +20,11 @@ Positions are 'compact' (each entry takes one position). The headline is the rec
 ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full) of the gists as the engine stores them
 (`refined`, or `gist` with `--refine-steps 0`), over all windows and per source, with a 95%
 bootstrap interval over windows; `recovery_gistnet` is GistNet's output alone.
+`engine_view` scores the gists as the engine shows them, on a test split of held-out
+documents that no training probe drew from (`probe_free_streams`): the span follows
+`--engine-prefix-blocks` blocks shown as level-1 gists (made as the engine makes them),
+not one raw block, so the refinement's own context is not what is scored; full, drop and
+gist all see that gisted prefix, with GistNet's gists alone beside the refined ones.
 `by_horizon` splits the recovery by distance into the horizon (token 0, 1, 2-3, 4-7, ...),
 which shows where a gist falls short: right after the span, where the next token hangs on
 its last words, or further on. Everything
@@ -29,6 +34,7 @@ is fp32 and seeded: the same checkpoint, seed and settings give the same numbers
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -204,6 +210,144 @@ def evaluate_level(
     return res
 
 
+# ---- the engine's view, on documents no probe saw ----------------------------------------
+PROBE_SEED, PROBE_PREFIX, PROBE_HORIZON = 1234, 32, 32  # `HeldoutProbe` in gist_train
+
+
+def probe_settings(meta: dict) -> set[tuple[int, int]]:
+    """(level, windows per source) of every held-out probe run while training a checkpoint,
+    from its metadata (every stage of `training`, continued ones included)."""
+    found: set[tuple[int, int]] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            cfg = node.get("config")
+            if isinstance(cfg, dict) and cfg.get("eval_every") and cfg.get("eval_windows"):
+                found.add((int(cfg.get("level", 1)), int(cfg["eval_windows"])))
+            for v in node.values():
+                walk(v)
+
+    walk(meta.get("training", {}))
+    return found
+
+
+def probe_free_streams(base, probes: set[tuple[int, int]], cache=None) -> dict[str, np.ndarray]:
+    """Per source, the held-out documents that none of the `probes` (level, windows) drew a
+    window from, concatenated in the held-out stream's order."""
+    out = {}
+    for src in data.SOURCES:
+        stream = data.token_stream(base, src, "heldout", cache)
+        docs = [t for d, t in data.documents(src, base) if data.split_of(src, d) == "heldout"]
+        docs.sort(key=lambda t: hashlib.sha1(t.encode()).hexdigest())  # as token_stream
+        lengths = []
+        for i in range(0, len(docs), 256):
+            enc = base.tokenizer(docs[i : i + 256], add_special_tokens=False)["input_ids"]
+            lengths += [len(e) for e in enc]
+        ends = np.cumsum(lengths)
+        if not len(ends) or ends[-1] != len(stream):
+            raise RuntimeError(f"held-out {src} documents do not make up its token stream")
+        starts = ends - np.asarray(lengths)
+        touched = np.zeros(len(docs), bool)
+        for level, per_source in probes:
+            length = PROBE_PREFIX + 32**level + PROBE_HORIZON
+            rng = np.random.default_rng([PROBE_SEED, data.SOURCES.index(src)])
+            room = len(stream) - length
+            if room <= per_source:
+                continue
+            stride = room // per_source
+            for a in np.arange(per_source) * stride + rng.integers(0, stride, per_source):
+                touched[(starts < a + length) & (ends > a)] = True
+        keep = [stream[a:b] for a, b, t in zip(starts, ends, touched, strict=True) if not t]
+        out[src] = np.concatenate(keep) if keep else np.zeros(0, np.uint32)
+    return out
+
+
+def spread_windows(stream: np.ndarray, length: int, n: int, seed: int) -> np.ndarray:
+    """`n` windows of `length` tokens spread evenly over `stream`, jittered by `seed`."""
+    room = len(stream) - length
+    if room <= n:
+        raise ValueError(f"test stream of {len(stream)} tokens too short for {n} windows")
+    stride = room // n
+    starts = np.arange(n) * stride + np.random.default_rng(seed).integers(0, stride, n)
+    return np.stack([stream[a : a + length].astype(np.int64) for a in starts])
+
+
+def _horizon_nll(base, before: torch.Tensor, horizon_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL [B, H] of the horizon after the entries `before` [B, T, d]."""
+    x = torch.cat([before, base.embed(horizon_ids[:, :-1])], 1)
+    lp = obj._run(base, x, 0, None, horizon_ids.shape[1])[0]
+    return token_nll(lp, horizon_ids)
+
+
+@torch.no_grad()
+def engine_view_nlls(base, stack, ids, level: int, blocks: int, horizon: int, refine) -> dict:
+    """Per-token horizon NLLs [B, H] of windows [B, (blocks + 1) * 32 + span + horizon] with
+    the prefix as the engine shows it: `blocks` level-1 gists (the first block only gives
+    the first gist its context). For each way of making gists ('gistnet' alone, 'stored'
+    as refined at ingest) the span is kept raw (full), dropped, or that way's gist."""
+    b, k = ids.shape[0], BLOCK_SIZE
+    span = k**level
+    hor = ids[:, -horizon:]
+    chunks = ids[:, : (blocks + 1) * k + span].reshape(b, -1, k)
+    context, targets = chunks[:, :-1].flatten(0, 1), chunks[:, 1:].flatten(0, 1)
+    made = {"gistnet": stack.from_tokens(base, targets)}
+    if refine[0]:
+        made["stored"] = obj.refine_gists(base, made["gistnet"], context, targets, *refine)
+    raw_span = base.embed(ids[:, (blocks + 1) * k : (blocks + 1) * k + span])
+    out = {}
+    for name, g in made.items():
+        g = g.reshape(b, -1, base.width)
+        prefix, l1 = g[:, :blocks], g[:, blocks:]
+        gist = l1 if level == 1 else stack(l1.reshape(b, 1, 1, k, base.width), level)[:, 0]
+        gist = gist.reshape(b, 1, base.width)
+        out[f"{name}_full"] = _horizon_nll(base, torch.cat([prefix, raw_span], 1), hor)
+        out[f"{name}_drop"] = _horizon_nll(base, prefix, hor)
+        out[f"{name}_gist"] = _horizon_nll(base, torch.cat([prefix, gist], 1), hor)
+    return out
+
+
+def evaluate_engine_view(
+    base, stack, level, per_source, blocks, horizon, seed, n_boot, batch, probes, refine
+) -> dict:
+    """Recovery of gists in a gisted prefix, on the probe-disjoint test split."""
+    length = (blocks + 1) * BLOCK_SIZE + BLOCK_SIZE**level + horizon
+    parts: dict[str, list] = {}
+    per_src = {}
+    for i, (src, stream) in enumerate(sorted(probe_free_streams(base, probes).items())):
+        ids = spread_windows(stream, length, per_source, seed + 1000 * level + i)
+        ids = torch.as_tensor(ids, device=base.device)
+        src_parts: dict[str, list] = {}
+        for j in range(0, len(ids), batch):
+            for key, v in engine_view_nlls(
+                base, stack, ids[j : j + batch], level, blocks, horizon, refine
+            ).items():
+                src_parts.setdefault(key, []).append(v.float().cpu())
+        nlls = {key: torch.cat(v).numpy().astype(np.float64) for key, v in src_parts.items()}
+        per_src[src] = {"n_windows": len(ids), **_view_summary(nlls, n_boot, seed)}
+        for key, v in nlls.items():
+            parts.setdefault(key, []).append(v)
+    nlls = {key: np.concatenate(v) for key, v in parts.items()}
+    res = _view_summary(nlls, n_boot, seed)
+    res.update(n_windows=len(next(iter(nlls.values()))), per_source=per_src)
+    res["window"] = {"gist_prefix_blocks": blocks, "span": BLOCK_SIZE**level, "horizon": horizon}
+    return res
+
+
+def _view_summary(tokens: dict, n_boot: int, seed: int) -> dict:
+    m = {key: v.mean(1) for key, v in tokens.items()}
+    res = {"nll": {key: float(v.mean()) for key, v in m.items()}}
+    for name in ("stored", "gistnet"):
+        if f"{name}_gist" not in m:
+            continue
+        f, d, g = m[f"{name}_full"], m[f"{name}_drop"], m[f"{name}_gist"]
+        key = "recovery" if name == "stored" else "recovery_gistnet"
+        res[key] = recovery(f, d, g)
+        res[f"ci95{key[8:]}"] = bootstrap_ci(f, d, g, n_boot, seed)
+    res.setdefault("recovery", res["recovery_gistnet"])
+    res.setdefault("ci95", res["ci95_gistnet"])
+    return res
+
+
 def evaluate(
     base,
     stack,
@@ -219,7 +363,11 @@ def evaluate(
     progress: bool = False,
     free_steps: int = 0,
     refine: tuple[int, float, int] = (0, 0.0, 0),
+    engine_blocks: int = 0,
+    probes: set[tuple[int, int]] | None = None,
 ) -> dict:
+    """Today's held-out numbers per level and, with `engine_blocks` > 0, `engine_view`
+    beside them: gists after that many gisted blocks, on documents none of `probes` saw."""
     torch.manual_seed(seed)
     stack = stack.to(base.device).eval()
     out: dict = {"checkpoint": checkpoint}
@@ -240,6 +388,20 @@ def evaluate(
             free_steps,
             refine,
         )
+        if engine_blocks:
+            out[f"L{level}"]["engine_view"] = evaluate_engine_view(
+                base,
+                stack,
+                level,
+                per,
+                engine_blocks,
+                horizon,
+                seed,
+                n_boot,
+                batch if level == 1 else max(1, batch // 4),
+                probes or set(),
+                refine,
+            )
     out["n_windows"] = sum(out[f"L{lv}"]["n_windows"] for lv in levels)
     out["refine"] = dict(zip(("steps", "lr", "tokens"), refine, strict=True))
     out["seed"] = seed
@@ -302,6 +464,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=Config().gist_refine_tokens,
         help="length of the model's own continuation they are fitted to",
     )
+    p.add_argument(
+        "--engine-prefix-blocks",
+        type=int,
+        default=4,
+        help="also score gists after this many blocks shown as level-1 gists, as in the "
+        "engine, on held-out documents no training probe saw (0: skip)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -347,6 +516,14 @@ def _table(res: dict) -> str:
         lines.append(
             "  GistNet alone  " + " ".join(f"{b['recovery_gistnet']:7.3f}" for b in ranges)
         )
+        if "engine_view" in r:
+            v = r["engine_view"]
+            lines.append(
+                f"  as the engine shows it (after {v['window']['gist_prefix_blocks']} gisted "
+                f"blocks, {v['n_windows']} windows of documents no probe saw): "
+                f"recovery {v['recovery']:.3f} ci95 [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]"
+                f"  GistNet alone {v['recovery_gistnet']:.3f}"
+            )
     return "\n".join(lines)
 
 
@@ -355,7 +532,7 @@ def eval_gist_main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     base = BaseModel.load(args.model, args.device)
-    stack, _meta = load_gist_stack(args.checkpoint, base, obj.POSITION_CONVENTION)
+    stack, meta = load_gist_stack(args.checkpoint, base, obj.POSITION_CONVENTION)
     levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
     res = evaluate(
         base,
@@ -372,6 +549,8 @@ def eval_gist_main(argv: list[str] | None = None) -> int:
         progress=not args.json,
         free_steps=args.free_steps,
         refine=(args.refine_steps, args.refine_lr, args.refine_tokens),
+        engine_blocks=args.engine_prefix_blocks,
+        probes=probe_settings(meta),
     )
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
