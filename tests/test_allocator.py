@@ -11,7 +11,7 @@ import pytest
 
 from megacontext_memory.config import Config
 from megacontext_memory.focus import FocusAllocator, WorkingContext, check_invariants
-from megacontext_memory.focus.allocator import BudgetError
+from megacontext_memory.focus.allocator import BudgetError, room
 
 K = 32
 
@@ -113,3 +113,87 @@ def test_coarse_tiling_is_legal_and_small(n):
     assert len(wc) <= 300 + 32 + 32 + 31 * 5  # raw tail, pinned block, <= 31 nodes per level
     if n >= 1000:
         assert wc.entries[0].level == 0 and wc.entries[-1].level == 0
+
+
+# ---- the budget is there to be used -----------------------------------------------------
+def _sparse(cfg, n):
+    """A working context over `n` tokens that uses few positions: 128 raw, the rest gists."""
+    tree = FakeTree(n)
+    return FocusAllocator(cfg), WorkingContext.coarse(tree, 128), tree
+
+
+def _filled(cfg, n, budget):
+    """A working context over `n` tokens after fill rounds on recency-like scores."""
+    alloc, wc, tree = _sparse(cfg, n)
+    alloc.new_event()
+    while alloc.refocus(wc, tree, _recency(wc), budget):
+        pass
+    for _ in range(cfg.cooldown + 1):  # every move's cooldown runs out
+        alloc.new_event()
+    return alloc, wc, tree
+
+
+def _recency(wc):
+    """Negative everywhere, higher for newer entries (the heuristic scorer's shape)."""
+    return np.array([-2.0 + e.end / wc.n_tokens for e in wc.entries])
+
+
+def test_free_positions_go_to_the_best_scored_expansions_whatever_their_sign():
+    cfg = Config(working_budget=512, recent_raw=64)
+    alloc, wc, tree = _sparse(cfg, 20000)
+    scores = _recency(wc)
+    best = max((e for e in wc if e.level > 0), key=lambda e: e.end)  # the newest gist
+    moves = alloc.refocus(wc, tree, scores, cfg.working_budget)
+    assert [m.kind for m in moves] == ["expand"] * cfg.max_moves
+    assert (moves[0].level, moves[0].index) == (best.level, best.index)
+    _, wc, tree = _filled(cfg, 20000, cfg.working_budget)
+    assert 0.9 * cfg.working_budget <= len(wc) <= room(cfg.working_budget)
+    check_invariants(wc, tree, cfg.working_budget, cfg.recent_raw)
+
+
+def test_a_negative_score_alone_collapses_nothing():
+    cfg = Config(working_budget=512, recent_raw=64)
+    alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)
+    alloc.new_event()
+    scores = np.full(len(wc.entries), -5.0)  # every span asks for less detail
+    assert alloc.refocus(wc, tree, scores, cfg.working_budget) == []
+    alloc.new_event()  # and free positions are spent even so
+    assert alloc.refocus(wc, tree, scores, cfg.working_budget + 100)[0].kind == "expand"
+
+
+@pytest.mark.parametrize("margin, swapped", [(0.1, True), (-0.1, False)])
+def test_with_no_room_an_expansion_replaces_a_collapse_only_beyond_tau(margin, swapped):
+    cfg = Config(working_budget=512, recent_raw=64)
+    alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)
+    alloc.new_event()
+    scores = _recency(wc)
+    cheapest = alloc.collapses(wc, tree, scores)[0]
+    gist = next(i for i, e in enumerate(wc.entries) if e.level == 1)
+    scores[gist] = cheapest.score + cfg.tau_expand + margin
+    moves = alloc.refocus(wc, tree, scores, cfg.working_budget)
+    kinds = [(m.kind, m.level, m.index) for m in moves]
+    parent = (cheapest.parent.level, cheapest.parent.index)
+    assert (kinds == [("collapse", *parent), ("expand", 1, wc.entries[gist].index)]) == swapped
+    assert swapped or moves == []
+
+
+def test_making_room_leaves_slack_for_the_next_tokens():
+    cfg = Config(working_budget=512, recent_raw=64)
+    alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)
+    tree = grow(wc, alloc, 20000 + 600, 10**6)  # new tokens, not fitted yet
+    alloc.new_event()
+    alloc.refocus(wc, tree, _recency(wc), cfg.working_budget)
+    assert room(cfg.working_budget) - K < len(wc) <= room(cfg.working_budget)
+    alloc.new_event()
+    tree = grow(wc, alloc, 20000 + 600 + 20, 10**6)  # a few more tokens fit without a move
+    assert alloc.refocus(wc, tree, _recency(wc), cfg.working_budget) == []
+
+
+def test_rounds_without_fill_never_grow_the_context():
+    cfg = Config(working_budget=512, recent_raw=64)
+    alloc, wc, tree = _sparse(cfg, 20000)
+    for _ in range(5):
+        alloc.new_event()
+        before = len(wc)
+        alloc.refocus(wc, tree, np.random.default_rng(0).normal(0, 1, len(wc.entries)), 512, False)
+        assert len(wc) <= before

@@ -9,7 +9,7 @@ The budget is there to be used. A refocus round, at most `max_moves` moves:
    the next turns fit without a move (a move re-prefills the KV cache from where it is);
 2. fills: free positions up to `room(budget)` go to the best-scored expansions, whatever
    their sign, so a context shown before a reply uses at least 90% of its budget;
-3. swaps: with no room left, the best expansion replaces the lowest-scored collapse when it
+3. swaps: otherwise, the best expansion replaces the lowest-scored collapse when it
    scores higher by more than `tau_expand`.
 A score below zero is never a reason to collapse on its own. Ingest calls `fit` (collapse
 until the budget holds) and rounds with `fill=False`: filling is for the context a reply
@@ -184,11 +184,10 @@ class FocusAllocator:
             if not best:
                 break
             i = best[0]
-            if not (fill and len(wc) + K - 1 <= limit):
+            if not (fill and len(wc) + K - 1 <= limit):  # no filling: swap, or stop
                 c = self._cheapest(wc, tree, s, keep=i)
-                if c is None or s[i] - c.score <= self.config.tau_expand:
-                    break
-                if len(moves) + 2 > self.config.max_moves:
+                worth = c is not None and s[i] - c.score > self.config.tau_expand
+                if not worth or len(moves) + 2 > self.config.max_moves:
                     break
                 moves.append(self._collapse(wc, c, s))
                 if c.first < i:
