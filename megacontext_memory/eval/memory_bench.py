@@ -273,7 +273,7 @@ def summarize(rows: list[dict], systems: list[str], sizes: list[int]) -> dict:
 def table(result: dict) -> str:
     """Accuracy per system (rows) and size (columns), then positions, latency and ingest."""
     sizes = sorted({int(s) for cells in result["systems"].values() for s in cells})
-    head = f"{'system':<22}" + "".join(f"{f'{s:,}':>20}" for s in sizes)
+    head = f"{'system':<22}" + "".join(f"{f'{s:,}':>22}" for s in sizes)
     lines = [
         f"memory bench, split {result['split']}, reader {result['reader']}, "
         f"working_budget {result['working_budget']}, commit {result['commit']}",
@@ -291,7 +291,7 @@ def table(result: dict) -> str:
             else:
                 lo, hi = c["ci95"]
                 text = f"{c['accuracy']:.2f} [{lo:.2f},{hi:.2f}] ({c['n']})"
-            line += f"{text:>20}"
+            line += f"{text:>22}"
         lines.append(line)
     lines += ["", "positions used / median turn latency (s) / ingest tokens per s", head]
     for system, cells in result["systems"].items():
@@ -304,7 +304,7 @@ def table(result: dict) -> str:
                 text = (
                     f"{c['positions_used']} / {c['turn_latency_s']:.2f} / {rate if rate else '-'}"
                 )
-            line += f"{text:>20}"
+            line += f"{text:>22}"
         lines.append(line)
     return "\n".join(lines)
 
