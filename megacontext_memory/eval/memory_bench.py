@@ -379,7 +379,7 @@ def run(
     summary_path = out / "memory_bench.json"
     prior = json.loads(summary_path.read_text()) if resume and summary_path.exists() else {}
     prior_settings = prior.get("settings", {})
-    t_start = time.perf_counter()
+    t_start, commit = time.perf_counter(), git_commit()  # the code this run loaded
     with tempfile.TemporaryDirectory(prefix="mc-memory-bench-") as scratch:
         bench = Bench(
             systems, budget, rag_grid, scorers or available_scorers(), Path(scratch), device
@@ -397,7 +397,7 @@ def run(
                 "reader": bench.base.name,
                 "working_budget": budget,
                 "split": split,
-                "commit": git_commit(),
+                "commit": commit,
                 "seed": seed,
                 "tasks_per_size": {str(s): tasks_per_size[s] for s in sizes},
                 "max_new_tokens": bench.max_new,
