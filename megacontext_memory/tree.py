@@ -1,88 +1,22 @@
 """MegaContextTree: one session's history as tokens (level 0) and gists above.
 
-Node `i` of level `l` stands for tokens [i * 32**l, (i + 1) * 32**l) and exists once all of
-them do. Appending tokens gists every block they complete, then every group of 32 gists
-that completes, level by level; payloads and the message row are committed together.
+Node `i` of level `l` stands for tokens [i * 32**l, (i + 1) * 32**l). An append commits
+the messages and their tokens and returns; the gists lag behind. `make_gists` then gists,
+in batches, every block and every group of 32 gists completed since it last ran, level by
+level (a refocus needs them, so the engine calls it before every turn). A crash in between
+loses nothing: the tokens are committed and the gists are made on the next call.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .config import BLOCK_SIZE
-from .models.base import BaseModel
-from .models.gistnet import GistStack
+from .gisting import Gister
 from .store import GistVersionMismatch, Message, SessionStore
 from .store.sqlite import NEEDS_REGIST
-from .training.gist_objective import refine_gists
 
 K = BLOCK_SIZE
-
-
-class Gister:
-    """Turns token blocks and gist groups into gists with one GistStack.
-
-    With `refine` = (steps, lr, tokens) and steps > 0, every level-1 gist that has a block
-    before it is then fitted (`refine_gists`) so the model reading [previous block][gist]
-    continues as it does after [previous block][block]; the version names the fit, so a
-    store never mixes gists made with and without it.
-    """
-
-    def __init__(
-        self,
-        base: BaseModel,
-        stack: GistStack,
-        version: str,
-        dtype: str,
-        refine: tuple[int, float, int] = (0, 0.0, 0),
-    ):
-        self.base, self.stack = base, stack.to(base.device).eval()
-        self.refine = refine
-        steps, lr, tokens = refine
-        self.version = f"{version}+refine{steps}x{lr:g}x{tokens}" if steps else version
-        # bfloat16 gists are held as float32 values rounded to bfloat16 (numpy has no
-        # bfloat16); the payload file stores their bits.
-        self.np_dtype = np.float16 if dtype == "float16" else np.float32
-        self.bf16 = dtype == "bfloat16"
-        self.batch = 256
-
-    @torch.no_grad()
-    def gists(self, level: int, children: np.ndarray, previous: np.ndarray | None = None):
-        """[n, 32] token ids (level 1) or [n, 32, d] gists (level > 1) -> [n, d].
-
-        Level-1 blocks are consecutive; `previous` is the block before the first one (None
-        when it is the session's first block).
-        """
-        out = []
-        for i in range(0, len(children), self.batch):
-            chunk = children[i : i + self.batch]
-            if level == 1:
-                before = children[i - 1] if i else previous
-                g = self._block_gists(chunk.astype(np.int64), before)
-            else:
-                x = torch.as_tensor(np.asarray(chunk, np.float32), device=self.base.device)
-                g = self.stack(x, level)
-            if self.bf16:
-                g = g.to(torch.bfloat16)
-            out.append(g.float().cpu().numpy().astype(self.np_dtype))
-        return np.concatenate(out) if out else np.zeros((0, self.base.width), self.np_dtype)
-
-    def _block_gists(self, blocks: np.ndarray, previous: np.ndarray | None) -> torch.Tensor:
-        """Gists of consecutive blocks [n, K]; `previous` is the block before blocks[0]."""
-        ids = torch.as_tensor(blocks, device=self.base.device)
-        g = self.stack.from_tokens(self.base, ids)
-        if not self.refine[0]:
-            return g
-        if previous is None:  # the session's first block has no context: it stays as made
-            g, first, context, ids = g[1:], g[:1], ids[:-1], ids[1:]
-        else:
-            first = g[:0]
-            before = torch.as_tensor(previous.astype(np.int64), device=ids.device)[None]
-            context = torch.cat([before, ids[:-1]])
-        if len(ids):
-            g = refine_gists(self.base, g, context, ids, *self.refine)
-        return torch.cat([first, g])
 
 
 class MegaContextTree:
@@ -172,28 +106,52 @@ class MegaContextTree:
         rows = self.store.gists(level, lo, hi, version=self.gister.version)
         return rows[np.asarray(indices) - lo].astype(np.float32)
 
+    @property
+    def missing(self) -> int:
+        """Blocks and nodes completed but not gisted yet (`make_gists` makes them)."""
+        total, level, children = 0, 1, self.n_tokens
+        while children >= K:
+            total += children // K - self.count(level)
+            level, children = level + 1, children // K
+        return total
+
     # ---- writes -----------------------------------------------------------------------
     def append(self, role: str, content: str, metadata: dict, ids: list[int]) -> Message:
-        """Durably append one message's tokens and the gists they complete."""
-        with self.store.lock():
-            self.refresh(prepare=True)
-            self._check_version()  # another process may have re-gisted: never mix
-            n0 = self.n_tokens
-            tokens = np.concatenate([self._tokens, np.asarray(ids, np.int64)])
-            gists = self._new_gists(tokens)
-            message = self.store.append(
-                role, content, metadata, tokens[n0:], gists, self.gister.version
-            )
-            self._tokens = tokens
-            self.counts[0] = len(tokens)
-            for level, arr in gists.items():
-                self.counts[level] = self.count(level) + len(arr)
-            return message
+        """Durably append one message and its tokens (its gists come with `make_gists`)."""
+        return self.extend([(role, content, metadata, ids, None)])[0]
 
-    def _new_gists(self, tokens: np.ndarray) -> dict[int, np.ndarray]:
+    def extend(self, messages: list[tuple]) -> list[Message]:
+        """Durably append `(role, content, metadata, token ids, created or None)` messages
+        in one commit."""
+        with self.store.lock():
+            out = self.store.extend(messages)
+            self.refresh()
+        return out
+
+    def make_gists(self) -> int:
+        """Gist everything completed since the last gisting, in batches; returns how many
+        gists were made. They are computed outside the store's lock (other processes go on
+        appending) and committed under it, unless another process committed them first."""
+        self.sync()
+        while self.missing:
+            based_on, version = dict(self.counts), self.version
+            gists = self._new_gists()
+            with self.store.lock():
+                self.refresh(prepare=True)
+                self._check_version()  # another process may have re-gisted: never mix
+                if version == self.version and all(
+                    self.count(lv) == based_on.get(lv, 0) for lv in gists
+                ):
+                    self.store.add_gists(gists, self.gister.version)
+                    for level, arr in gists.items():
+                        self.counts[level] = self.count(level) + len(arr)
+                    return sum(len(arr) for arr in gists.values())
+        return 0
+
+    def _new_gists(self) -> dict[int, np.ndarray]:
+        """The gists missing from the committed state, every level."""
         out: dict[int, np.ndarray] = {}
-        have = self.count(1)
-        full = len(tokens) // K
+        tokens, have, full = self._tokens, self.count(1), self.n_tokens // K
         if full > have:
             previous = tokens[(have - 1) * K : have * K] if have else None
             out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K), previous)

@@ -108,9 +108,13 @@ def test_over_budget_with_nothing_collapsible_is_a_clear_error():
 @pytest.mark.parametrize("n", [0, 5, 31, 32, 1000, 40000, 1_100_000])
 def test_coarse_tiling_is_legal_and_small(n):
     tree = FakeTree(n)
-    wc = WorkingContext.coarse(tree, raw_tokens=300, pinned=11)
+    pinned = [(0, 11), (n // 2, n // 2 + 40)]  # a prompt at the start, a newer one midway
+    wc = WorkingContext.coarse(tree, raw_tokens=300, pinned=pinned)
     check_invariants(wc, tree, None, recent_raw=96)
-    assert len(wc) <= 300 + 32 + 32 + 31 * 5  # raw tail, pinned block, <= 31 nodes per level
+    # the raw tail, the pinned blocks, <= 31 nodes per level on each side of a pin
+    assert len(wc) <= 300 + 32 + 32 + 3 * 32 + 2 * 31 * 5
+    for lo, hi in pinned:
+        assert all(e.level == 0 for e in wc if e.start < hi and lo < e.end)
     if n >= 1000:
         assert wc.entries[0].level == 0 and wc.entries[-1].level == 0
 

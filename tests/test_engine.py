@@ -170,8 +170,9 @@ def test_level1_gists_are_refined_in_context_and_rebuild_alike(engine_factory, t
     store = tmp_path / "st"
     plain = engine_factory(store=store, gist_refine_steps=0)
     s = plain.session("s")
-    for role, text in conversation(plain.base, 400)[:12]:
-        s.append(role, text)
+    s.extend(conversation(plain.base, 400)[:12])
+    assert s.tree.count(1) == 0 and s.tree.missing  # appends return before gisting
+    s.make_gists()
     n = s.tree.count(1)
     assert n >= 6
     blocks = s.tree.tokens(0, n * 32).reshape(-1, 32)
@@ -192,10 +193,39 @@ def test_level1_gists_are_refined_in_context_and_rebuild_alike(engine_factory, t
     incremental = engine_factory(store=tmp_path / "inc").session("s")
     for role, text in conversation(plain.base, 400)[:12]:
         incremental.append(role, text)
+        incremental.make_gists()  # each batch holds the blocks this message completed
     one_by_one = incremental.tree.store.gists(1, 0, n).astype(np.float32)
     assert np.array_equal(incremental.tree.tokens(0, n * 32).reshape(-1, 32), blocks)
     same = _cosine(one_by_one, registed)
     assert same.min() > 0.99 and same[1:].mean() > moved.mean()
+
+
+def test_the_newest_system_prompt_of_each_slot_stays_raw(engine_factory):
+    """A changed prompt takes over the pin from the one before it; another slot (the tool
+    list) keeps its own."""
+    e = engine_factory(working_budget=512, gist_refine_steps=0)
+    s = e.session("pins")
+    chat = conversation(e.base, 3000)[1:]
+    third = len(chat) // 3
+    old = s.append("system", "You are Ada. Answer in French.", {"slot": "prompt-0"})
+    s.extend(chat[:third])
+    tools = s.append("system", "Tools: weather(city), clock().", {"slot": "tools"})
+    s.extend(chat[third : 2 * third])
+    new = s.append("system", "You are Bob. Answer in German.", {"slot": "prompt-0"})
+    s.extend(chat[2 * third :])
+    assert s.token_count() > 5 * 512
+    levels = s.level_map()
+    for m in (new, tools):
+        assert (levels[m.token_start : m.token_end] == 0).all(), m.content
+    assert levels[old.token_start : old.token_end].min() > 0  # the old prompt may be gisted
+    s.generate(max_new_tokens=4)
+    levels = s.level_map()
+    assert (levels[new.token_start : new.token_end] == 0).all()
+    assert [m.content for m in s.messages(role="system")] == [
+        old.content,
+        tools.content,
+        new.content,
+    ]
 
 
 # ---- a long conversation: budget, invariants after every move, recall -------------------
@@ -229,7 +259,7 @@ def long_session(engine_factory):
             s.generate(max_new_tokens=8)
         else:
             s.append(role, text)
-        check_invariants(s.wc, s.tree, BUDGET, engine.config.recent_raw)
+        check_invariants(s.working_context(), s.tree, BUDGET, engine.config.recent_raw)
         checked["appends"] += 1
     return s, checked
 

@@ -46,13 +46,14 @@ def test_every_reply_reads_a_context_that_uses_90_percent_of_its_positions(engin
     for t in s.telemetry + fresh.telemetry:
         assert t.history_tokens > 3 * BUDGET
         assert 0.9 * _available(base) <= t.positions_used <= _available(base), t.to_dict()
-    check_invariants(fresh.wc, fresh.tree, BUDGET, engine.config.recent_raw)
+    check_invariants(fresh.working_context(), fresh.tree, BUDGET, engine.config.recent_raw)
 
 
 @pytest.mark.parametrize("follow_questions", [True, False], ids=["questions", "recency"])
 def test_200_turns_keep_the_budget_the_cooldown_and_the_kv_prefix(base, tmp_path, follow_questions):
-    """200 chat turns of held-out dialogue, driven as the engine drives them: ingest fits
-    the budget and refocuses without filling when a block completes; a reply refocuses
+    """200 chat turns of held-out dialogue, driven as closely to the budget as possible:
+    ingest gists at once, fits the budget and refocuses without filling when a block
+    completes; a reply refocuses
     for its budget, fits, and is prefilled from the context's position keys. Real tokens,
     a real tree and store; the gists come from the store tests' tiny GistNet and no reply
     is generated, so the 200 turns take seconds (the allocator reads no gist values).
@@ -92,6 +93,7 @@ def test_200_turns_keep_the_budget_the_cooldown_and_the_kv_prefix(base, tmp_path
         nonlocal query
         start = tree.n_tokens
         tree.append(role, text, {}, base.encode(base.render_message(role, text)))
+        tree.make_gists()  # at once, so every append can fit and refocus
         query = base.encode(text) if role == "user" and follow_questions else query
         wc.extend(tree.n_tokens)
         if len(wc) > budget:

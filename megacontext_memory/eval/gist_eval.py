@@ -275,7 +275,7 @@ def spread_windows(stream: np.ndarray, length: int, n: int, seed: int) -> np.nda
 def _horizon_nll(base, before: torch.Tensor, horizon_ids: torch.Tensor) -> torch.Tensor:
     """Per-token NLL [B, H] of the horizon after the entries `before` [B, T, d]."""
     x = torch.cat([before, base.embed(horizon_ids[:, :-1])], 1)
-    lp = obj._run(base, x, 0, None, horizon_ids.shape[1])[0]
+    lp = obj.run_model(base, x, 0, None, horizon_ids.shape[1])[0]
     return token_nll(lp, horizon_ids)
 
 

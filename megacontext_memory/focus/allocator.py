@@ -68,7 +68,8 @@ class FocusAllocator:
         self.config = config
         self.tick = 0  # refocus events so far
         self.moved_at: dict[tuple[int, int], int] = {}
-        self.pinned = 0  # tokens [0, pinned) stay raw: the leading system message
+        # token spans that stay raw: the newest system message of each slot
+        self.pinned: list[tuple[int, int]] = []
 
     # ---- candidates -------------------------------------------------------------------
     def _cooling(self, level: int, index: int) -> bool:
@@ -84,7 +85,7 @@ class FocusAllocator:
         out = []
         entries = wc.entries
         for i, e in enumerate(entries):
-            if e.start < self.pinned:
+            if any(lo < e.end and e.start < hi for lo, hi in self.pinned):
                 continue
             if e.level == 0:
                 if e.cost == K and e.end <= protected and e.index < tree.count(1):

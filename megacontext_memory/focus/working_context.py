@@ -44,20 +44,30 @@ class WorkingContext:
         self.entries: list[Entry] = list(entries or [])
 
     @classmethod
-    def coarse(cls, tree: MegaContextTree, raw_tokens: int, pinned: int = 0) -> WorkingContext:
-        """A fresh tiling in one pass: the pinned head and the newest ~`raw_tokens` raw,
-        everything between as the largest complete tree nodes. Refocusing refines it."""
+    def coarse(
+        cls, tree: MegaContextTree, raw_tokens: int, pinned: list[tuple[int, int]] = ()
+    ) -> WorkingContext:
+        """A fresh tiling in one pass: the blocks of the `pinned` token spans and the newest
+        ~`raw_tokens` raw, everything else as the largest complete tree nodes. Refocusing
+        refines it."""
         n = tree.n_tokens
-        head = min(-(-pinned // K) * K, n // K * K)  # whole blocks of the pinned head
-        raw_from = max(head, (n - raw_tokens) // K * K)
-        entries = [Entry.node(0, b, n) for b in range(head // K)]
-        pos = len(entries) * K
+        raw_from = max(0, n - raw_tokens) // K * K
+
+        def free(start: int, end: int) -> bool:
+            return not any(lo < end and start < hi for lo, hi in pinned)
+
+        entries, pos = [], 0
         while pos < raw_from:
+            if not free(pos, pos + K):
+                entries.append(Entry.node(0, pos // K, n))
+                pos += K
+                continue
             level = 1
             while (
                 pos % K ** (level + 1) == 0
                 and pos // K ** (level + 1) < tree.count(level + 1)
                 and pos + K ** (level + 1) <= raw_from
+                and free(pos, pos + K ** (level + 1))
             ):
                 level += 1
             entries.append(Entry.node(level, pos // K**level, n))

@@ -100,18 +100,34 @@ class BaseModel:
         self._trunks: dict[int, torch.nn.Module] = {}
 
     @classmethod
-    def load(cls, name: str = "default", device: str | None = None) -> BaseModel:
-        """Load the default model (name "default") or any HF causal LM id / local path."""
+    def load(cls, name: str = "default", device: str | None = None, dtype: str = "auto"):
+        """Load the default model (name "default") or any HF causal LM id / local path.
+
+        `dtype` "auto" runs it in half precision on CUDA (bfloat16 where supported, else
+        float16) and in float32 elsewhere; "float32", "bfloat16" or "float16" force one.
+        """
         dev = pick_device(device)
+        if dtype == "auto":
+            half = dev.type == "cuda"
+            bf16 = half and torch.cuda.is_bf16_supported()
+            dtype = "bfloat16" if bf16 else "float16" if half else "float32"
         path = _default_model_dir() if name in ("default", DEFAULT_MODEL) else name
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         shown = DEFAULT_MODEL if name in ("default", DEFAULT_MODEL) else str(name)
         return cls(model, tokenizer, shown, dev)
 
     # ---- text <-> tokens -------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_messages(self, messages: list[tuple[str, str]]) -> list[list[int]]:
+        """Token ids of (role, content) messages as rendered mid-conversation, tokenised
+        in one batch (the tokenizer runs them in parallel)."""
+        if not messages:
+            return []
+        texts = [self.render_message(role, content) for role, content in messages]
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

@@ -490,57 +490,82 @@ class SessionStore:
         content: str,
         metadata: dict,
         tokens: np.ndarray,
-        gists: dict[int, np.ndarray],
-        gist_version: str | None = None,
         created: float | None = None,
     ) -> Message:
-        """Durably append one message: its tokens and the gists it completed.
+        """Durably append one message and its tokens (under `lock()`); see `extend`."""
+        return self.extend([(role, content, metadata, tokens, created)])[0]
 
-        Must be called under `lock()` with gists computed against the committed state (by
-        GistNet `gist_version`, checked against the session's when given).
-        """
-        meta_json = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
-        for name, text in (("role", role), ("content", content), ("metadata", meta_json)):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"message {name} is not valid unicode text: {e}") from None
+    def extend(self, messages: list[tuple]) -> list[Message]:
+        """Durably append messages `(role, content, metadata, tokens, created or None)` in
+        one commit: their tokens are written and fsynced, then one SQLite transaction makes
+        them visible. Gists come later (`add_gists`). Must be called under `lock()`."""
+        rows, token_parts = [], []
+        for role, content, metadata, tokens, created in messages:
+            meta_json = json.dumps(metadata, ensure_ascii=False, sort_keys=True)
+            for name, text in (("role", role), ("content", content), ("metadata", meta_json)):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"message {name} is not valid unicode text: {e}") from None
+            created = time.time() if created is None else float(created)
+            rows.append((role, content, meta_json, created, len(tokens)))
+            token_parts.append(np.asarray(tokens, dtype=np.uint32).reshape(-1))
         counts, version = self._prepare()
-        if gist_version is not None and gists and gist_version != version:
-            raise GistVersionMismatch(
-                f"session {self.id!r} holds gists of GistNet {version!r}; refusing gists "
-                f"of {gist_version!r} (re-gist first)"
-            )
         n0 = counts.get(0, 0)
-        tokens = np.asarray(tokens, dtype=np.uint32).reshape(-1, 1)
-        self.payload(0).write_at(n0, tokens)
-        new_counts = {0: n0 + len(tokens)}
+        if token_parts:
+            self.payload(0).write_at(n0, np.concatenate(token_parts).reshape(-1, 1))
+        out: list[Message] = []
+        with self.store._write() as conn:
+            v_now, seq, n_tokens = self._check(conn)
+            if n_tokens != n0 or v_now != version:
+                raise StoreError(f"session {self.id!r} changed while appending (lock not held?)")
+            start = n0
+            for role, content, meta_json, created, n in rows:
+                conn.execute(
+                    "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
+                    [self.key, seq, role, content, meta_json, created, start, start + n],
+                )
+                out.append(Message(seq, role, content, json.loads(meta_json), created, start, start + n))
+                seq, start = seq + 1, start + n
+            self._set_counts(conn, {0: start})
+            conn.execute(
+                "UPDATE sessions SET n_tokens = ?, n_messages = ? WHERE key = ?",
+                [start, seq, self.key],
+            )
+        return out
+
+    def add_gists(self, gists: dict[int, np.ndarray], version: str) -> None:
+        """Durably append gists made since the last call: `gists[level]` continues that
+        level from its committed count. Must be called under `lock()`, with gists of
+        GistNet `version` computed against the committed state."""
+        counts, v_now = self._prepare()
+        if version != v_now:
+            raise GistVersionMismatch(
+                f"session {self.id!r} holds gists of GistNet {v_now!r}; refusing gists "
+                f"of {version!r} (re-gist first)"
+            )
+        new_counts = {}
         for level, arr in sorted(gists.items()):
             if len(arr):
                 f = self.payload(level, version)
                 f.open_at(counts.get(level, 0))
                 f.write_at(counts.get(level, 0), arr)
                 new_counts[level] = counts.get(level, 0) + len(arr)
-        created = time.time() if created is None else float(created)
+        if not new_counts:
+            return
         with self.store._write() as conn:
-            v_now, seq, n_tokens = self._check(conn)
-            if n_tokens != n0 or v_now != version:
-                raise StoreError(f"session {self.id!r} changed while appending (lock not held?)")
+            v, _, _ = self._check(conn)
+            if v != version:
+                raise StoreError(f"session {self.id!r} changed while gisting (lock not held?)")
+            self._set_counts(conn, new_counts)
+
+    def _set_counts(self, conn: sqlite3.Connection, counts: dict[int, int]) -> None:
+        for level, count in counts.items():
             conn.execute(
-                "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
-                [self.key, seq, role, content, meta_json, created, n0, n0 + len(tokens)],
+                "INSERT INTO levels (session_key, level, count) VALUES (?,?,?) "
+                "ON CONFLICT(session_key, level) DO UPDATE SET count = excluded.count",
+                [self.key, level, count],
             )
-            for level, count in new_counts.items():
-                conn.execute(
-                    "INSERT INTO levels (session_key, level, count) VALUES (?,?,?) "
-                    "ON CONFLICT(session_key, level) DO UPDATE SET count = excluded.count",
-                    [self.key, level, count],
-                )
-            conn.execute(
-                "UPDATE sessions SET n_tokens = ?, n_messages = ? WHERE key = ?",
-                [n0 + len(tokens), seq + 1, self.key],
-            )
-        return Message(seq, role, content, metadata, created, n0, n0 + len(tokens))
 
     def replace_gists(self, gists: dict[int, np.ndarray], version: str) -> None:
         """Swap in every gist level, made by GistNet `version` (under `lock()`).
@@ -574,12 +599,16 @@ class SessionStore:
             )
 
     # ---- reads ----------------------------------------------------------------------
-    def messages(self, start: int = 0, end: int | None = None) -> list[Message]:
-        """The message log (seq in [start, end)), oldest first."""
+    def messages(
+        self, start: int = 0, end: int | None = None, role: str | None = None
+    ) -> list[Message]:
+        """The message log (seq in [start, end); only `role`'s when given), oldest first."""
         end = 2**62 if end is None else end
+        where = "" if role is None else " AND role = ?"
         return self._messages(
-            "SELECT * FROM messages WHERE session_key = ? AND seq >= ? AND seq < ? ORDER BY seq",
-            [self.key, start, end],
+            f"SELECT * FROM messages WHERE session_key = ? AND seq >= ? AND seq < ?{where} "
+            "ORDER BY seq",
+            [self.key, start, end] + ([] if role is None else [role]),
         )
 
     def last_message(self, role: str) -> Message | None:
