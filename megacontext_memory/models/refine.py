@@ -114,5 +114,3 @@ def kl_to_teacher(teacher_lp: torch.Tensor, student_lp: torch.Tensor) -> torch.T
     """KL(teacher || student) per window [B], averaged over the horizon."""
     kl = (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1)
     return kl.mean(-1)
-
-
