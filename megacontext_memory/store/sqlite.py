@@ -525,7 +525,9 @@ class SessionStore:
                     "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?)",
                     [self.key, seq, role, content, meta_json, created, start, start + n],
                 )
-                out.append(Message(seq, role, content, json.loads(meta_json), created, start, start + n))
+                out.append(
+                    Message(seq, role, content, json.loads(meta_json), created, start, start + n)
+                )
                 seq, start = seq + 1, start + n
             self._set_counts(conn, {0: start})
             conn.execute(
