@@ -17,9 +17,13 @@ DELEGATED = {
     "eval-recall": ("eval.recall", "eval_recall_main", "recall of an old fact vs baselines"),
     "bench-scaling": ("eval.scaling", "bench_scaling_main", "per-turn cost as history grows"),
     "fsck": ("store.fsck", "fsck_main", "check (and --repair) a store's files and index"),
-    "reindex": ("store.transfer", "reindex_main", "re-gist every session with the current GistNet"),
-    "export": ("store.transfer", "export_main", "write a session's messages as JSONL"),
-    "import": ("store.transfer", "import_main", "load a JSONL session, rebuilding its tree"),
+    "reindex": (
+        "operations.transfer",
+        "reindex_main",
+        "re-gist every session with the current GistNet",
+    ),
+    "export": ("operations.transfer", "export_main", "write a session's messages as JSONL"),
+    "import": ("operations.transfer", "import_main", "load a JSONL session, rebuilding its tree"),
     "bench memory": (
         "eval.memory_bench",
         "bench_memory_main",

@@ -13,8 +13,8 @@ from megacontext_memory import CheckpointMismatch, check_invariants
 from megacontext_memory.demo import FACTS, conversation
 from megacontext_memory.models.checkpoint import base_meta, save_gist_stack
 from megacontext_memory.models.gistnet import GistStack
+from megacontext_memory.operations.transfer import reindex
 from megacontext_memory.store import GistVersionMismatch
-from megacontext_memory.store.transfer import reindex
 
 
 def _tree_digest(session) -> str:

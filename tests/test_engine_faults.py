@@ -12,10 +12,15 @@ import pytest
 
 from megacontext_memory.engine import split_text
 from megacontext_memory.gisting import Gister
+from megacontext_memory.operations.transfer import (
+    export_sessions,
+    import_session,
+    read_export,
+    reindex,
+)
 from megacontext_memory.routing import append_split, merged_messages
 from megacontext_memory.store import GistVersionMismatch, SessionDeleted, Store
 from megacontext_memory.store.fsck import fsck
-from megacontext_memory.store.transfer import export_sessions, import_session, read_export, reindex
 
 FAST = {"gist_refine_steps": 0, "working_budget": 256}
 LONG_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 6

@@ -10,7 +10,7 @@ from megacontext_memory.config import BLOCK_SIZE as K
 from megacontext_memory.config import Config
 from megacontext_memory.demo import FACTS, conversation, dialogue_turns
 from megacontext_memory.focus import FocusAllocator, HeuristicScorer, WorkingContext
-from megacontext_memory.store.crashtest import TinyBase, open_tree, tiny_gister
+from megacontext_memory.operations.crashtest import TinyBase, open_tree, tiny_gister
 
 BUDGET = 512
 MAX_NEW = 16

@@ -13,8 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from megacontext_memory.store import GistVersionMismatch, PayloadError, Store, StoreError
-from megacontext_memory.store.crashtest import (
+from megacontext_memory.operations.crashtest import (
     TINY_MODEL,
     message,
     open_tree,
@@ -22,10 +21,16 @@ from megacontext_memory.store.crashtest import (
     scan_for,
     tiny_gister,
 )
+from megacontext_memory.operations.transfer import (
+    export_main,
+    export_sessions,
+    read_export,
+    reindex,
+)
+from megacontext_memory.store import GistVersionMismatch, PayloadError, Store, StoreError
 from megacontext_memory.store.fsck import NEEDS_REGIST, fsck, fsck_main
 from megacontext_memory.store.payload import HEADER_SIZE, MAGIC
 from megacontext_memory.store.sqlite import session_key
-from megacontext_memory.store.transfer import export_main, export_sessions, read_export, reindex
 
 
 @pytest.fixture(scope="module")

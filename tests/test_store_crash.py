@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from megacontext_memory.operations.crashtest import concurrent_writers, crash_loop
+from megacontext_memory.operations.transfer import export_main, import_main, reindex_main
 from megacontext_memory.store import Store
-from megacontext_memory.store.crashtest import concurrent_writers, crash_loop
 from megacontext_memory.store.fsck import fsck
-from megacontext_memory.store.transfer import export_main, import_main, reindex_main
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..operations.crashtest import concurrent_writers, crash_loop
 from ..store import SessionStore, Store
-from ..store.crashtest import concurrent_writers, crash_loop
 
 K = 32
 SAMPLE = (

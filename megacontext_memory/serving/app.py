@@ -37,8 +37,8 @@ from starlette.exceptions import HTTPException
 
 from ..chat import Reply, reply_item, run_turn
 from ..engine import MegaContextEngine
+from ..operations.transfer import export_lines
 from ..routing import Item, get_router
-from ..store.transfer import export_lines
 from ..tool_calls import TextStream
 from .metrics import Metrics
 

@@ -292,10 +292,3 @@ def fsck_main(argv: list[str] | None = None) -> int:
             continue
         print(line, file=sys.stderr if line.startswith("ERROR") else sys.stdout)
     return 0 if rep.clean else 1
-
-
-def reindex_main(argv: list[str] | None = None) -> int:
-    """`megacontext reindex` (implemented in `store.transfer`)."""
-    from .transfer import reindex_main as run
-
-    return run(argv)

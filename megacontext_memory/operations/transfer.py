@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from .sqlite import SessionStore, Store, StoreError
+from ..store import SessionStore, Store, StoreError
 
 FORMAT = "megacontext-session"
 FORMAT_VERSION = 1

@@ -129,7 +129,7 @@ def verify(store_path, session_id: str, seed: int, acked: int, gister, others=()
 
     The session is opened with whichever of `gister`, *`others` made its gists."""
     from ..store import Store
-    from .fsck import fsck
+    from ..store.fsck import fsck
 
     store = Store(store_path)
     if store.has_session(session_id):
