@@ -240,11 +240,14 @@ class Session:
                 self._query = base.encode(users[-1].content)
         return out
 
-    def make_gists(self) -> int:
+    def make_gists(self, progress: bool = False) -> int:
         """Gist every block completed since the last gisting now (a turn does it anyway);
-        returns how many gists were made."""
+        returns how many gists were made. `progress` shows a progress bar."""
         with self._held():
-            return self.tree.make_gists()
+            self.tree.sync()
+            todo = (self.tree.n_tokens // self.config.block_size - self.tree.count(1)) * 32
+            with tqdm(total=todo, unit="tok", desc="gisting", disable=not progress) as bar:
+                return self.tree.make_gists(bar.update)
 
     def _pins(self) -> list[tuple[int, int]]:
         """The token spans that stay raw: the newest system message of each slot (metadata

@@ -9,6 +9,8 @@ loses nothing: the tokens are committed and the gists are made on the next call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .config import BLOCK_SIZE
@@ -17,6 +19,7 @@ from .store import GistVersionMismatch, Message, SessionStore
 from .store.sqlite import NEEDS_REGIST
 
 K = BLOCK_SIZE
+ROUND_BLOCKS = 512  # `make_gists` commits after at most this many level-1 gists
 
 
 class MegaContextTree:
@@ -128,30 +131,41 @@ class MegaContextTree:
             self.refresh()
         return out
 
-    def make_gists(self) -> int:
+    def make_gists(self, progress: Callable[[int], None] | None = None) -> int:
         """Gist everything completed since the last gisting, in batches; returns how many
-        gists were made. They are computed outside the store's lock (other processes go on
-        appending) and committed under it, unless another process committed them first."""
+        gists were made.
+
+        Rounds of at most `ROUND_BLOCKS` blocks (and the nodes they complete) are each
+        computed outside the store's lock (other processes go on appending) and committed
+        under it, unless another process committed them first; so a long backlog keeps
+        its progress through a crash. `progress(tokens)` hears of each round committed.
+        """
         self.sync()
+        made = 0
         while self.missing:
             based_on, version = dict(self.counts), self.version
-            gists = self._new_gists()
+            gists = self._new_gists(ROUND_BLOCKS)
             with self.store.lock():
                 self.refresh(prepare=True)
                 self._check_version()  # another process may have re-gisted: never mix
-                if version == self.version and all(
-                    self.count(lv) == based_on.get(lv, 0) for lv in gists
+                if version != self.version or any(
+                    self.count(lv) != based_on.get(lv, 0) for lv in gists
                 ):
-                    self.store.add_gists(gists, self.gister.version)
-                    for level, arr in gists.items():
-                        self.counts[level] = self.count(level) + len(arr)
-                    return sum(len(arr) for arr in gists.values())
-        return 0
+                    continue  # someone else gisted meanwhile: start from what they did
+                self.store.add_gists(gists, self.gister.version)
+                for level, arr in gists.items():
+                    self.counts[level] = self.count(level) + len(arr)
+                made += sum(len(arr) for arr in gists.values())
+            if progress is not None:
+                progress(len(gists.get(1, ())) * K)
+        return made
 
-    def _new_gists(self) -> dict[int, np.ndarray]:
-        """The gists missing from the committed state, every level."""
+    def _new_gists(self, max_blocks: int) -> dict[int, np.ndarray]:
+        """The gists missing from the committed state: the next `max_blocks` blocks at
+        level 1, and every node above that they (or earlier gists) complete."""
         out: dict[int, np.ndarray] = {}
-        tokens, have, full = self._tokens, self.count(1), self.n_tokens // K
+        tokens, have = self._tokens, self.count(1)
+        full = min(self.n_tokens // K, have + max_blocks)
         if full > have:
             previous = tokens[(have - 1) * K : have * K] if have else None
             out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K), previous)

@@ -38,6 +38,7 @@ def test_export_import_rebuilds_the_tree(tmp_path):
     texts = [f"Message number {i}: the locker code is {4400 + i}." * 3 for i in range(8)]
     for i, t in enumerate(texts):
         s.append("user" if i % 2 == 0 else "assistant", t, {"i": i})
+    s.make_gists()
     out = tmp_path / "chat.jsonl"
     assert export_main(["--store", str(tmp_path / "a"), "-o", str(out)]) == 0
     args = ["--store", str(tmp_path / "b"), "--checkpoint", "none", str(out)]
@@ -61,6 +62,34 @@ def test_export_import_rebuilds_the_tree(tmp_path):
     cosine = (ga * gb).sum(-1) / np.linalg.norm(ga, axis=-1) / np.linalg.norm(gb, axis=-1)
     assert cosine.min() > 0.99
     assert fsck(tmp_path / "b").clean
+
+
+def test_an_interrupted_import_resumes_without_duplicates(tmp_path, engine_factory):
+    src = engine_factory(store=tmp_path / "a", working_budget=256, gist_refine_steps=0)
+    s = src.session("long")
+    s.extend(
+        [
+            (("user", "assistant")[i % 2], f"Note {i}: shelf {i} holds {i * 7} jars.")
+            for i in range(60)
+        ]
+    )
+    full = tmp_path / "full.jsonl"
+    assert export_main(["--store", str(tmp_path / "a"), "-o", str(full)]) == 0
+    lines = full.read_text().splitlines()
+    half = tmp_path / "half.jsonl"  # what an import killed after its first chunks had stored
+    half.write_text("\n".join(lines[:31]) + "\n")
+    args = ["--store", str(tmp_path / "b"), "--budget", "256", "-q"]
+    assert import_main([*args, "--defer-gists", str(half)]) == 0
+    assert import_main([*args, str(full)]) == 1  # exists: neither --replace nor --resume
+    assert import_main([*args, "--resume", str(full)]) == 0
+    b = Store(tmp_path / "b").open_session("long")
+    assert [m.to_dict() for m in b.messages()] == [m.to_dict() for m in s.messages()]
+    assert np.array_equal(b.tokens(), s.tree.tokens())
+    assert fsck(tmp_path / "b").clean and not fsck(tmp_path / "b").notes  # gists made
+    other = tmp_path / "other.jsonl"  # a different log under the same id is not resumed
+    other.write_text(lines[0] + "\n" + lines[1].replace("Note 0", "Note zero") + "\n")
+    assert import_main([*args, "--resume", str(other)]) == 1
+    assert len(Store(tmp_path / "b").open_session("long").messages()) == 60
 
 
 @pytest.mark.slow

@@ -48,8 +48,8 @@ class TinyBase:
 def tiny_gister(version: str = TINY_VERSION, seed: int = 0):
     import torch
 
+    from ..gisting import Gister
     from ..models.gistnet import GistStack
-    from ..tree import Gister
 
     torch.set_num_threads(1)
     base = TinyBase()
@@ -108,6 +108,7 @@ def writer(
             tree = open_tree(store_path, session_id, gister, reindex=True)
         role, content, meta = message(seed, i)
         tree.append(role, content, meta, base.encode(content))
+        tree.make_gists()  # as a turn would: kills land in gisting too
         if ack_fd is not None:
             os.write(ack_fd, f"{i}\n".encode())
 
@@ -140,6 +141,7 @@ def verify(store_path, session_id: str, seed: int, acked: int, gister, others=()
     assert rep.clean, rep.lines()
     notes = [n for n in rep.notes if "left by" in n or "torn" in n]
     assert not notes, notes
+    tree.make_gists()  # what a crash left ungisted is made on the next open
     msgs = tree.store.messages()
     assert len(msgs) >= acked, f"{acked} acknowledged, {len(msgs)} present"
     want_tokens = []

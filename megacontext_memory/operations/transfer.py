@@ -22,9 +22,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
+from tqdm import tqdm
+
 from ..store import SessionStore, Store, StoreError
 
 FORMAT = "megacontext-session"
+IMPORT_CHUNK = 2048  # messages per commit: an interrupted import keeps whole chunks
 FORMAT_VERSION = 1
 
 
@@ -107,12 +110,24 @@ def read_export(lines: Iterable[str]) -> Iterator[tuple[dict, list[dict]]]:
         yield header, msgs
 
 
-def import_session(engine, header: dict, msgs: list[dict], session_id=None, replace=False):
+def import_session(
+    engine,
+    header: dict,
+    msgs: list[dict],
+    session_id=None,
+    replace: bool = False,
+    resume: bool = False,
+    progress: bool = False,
+    gist: bool = True,
+):
     """Rebuild one exported session in `engine`'s store; returns the engine Session.
 
     Every message is checked before the store is touched (an error names its index). The
     session is built under a temporary id, not listed, then swapped in under its own id in
     one commit: a failure halfway leaves the store as it was, an existing session included.
+    With `resume`, a session holding the first messages of `msgs` (an import interrupted
+    after its swap, or a log that grew since) gets only the rest. With `gist`, the gists
+    are made before returning (else on the session's next open).
     """
     from ..engine import validate_message
     from ..tree import MegaContextTree
@@ -120,44 +135,82 @@ def import_session(engine, header: dict, msgs: list[dict], session_id=None, repl
     sid = header["session"] if session_id is None else session_id
     store = engine.store
     base, budget = engine.base, engine.config.working_budget
-    encoded = []
     for i, m in enumerate(msgs):
         try:
             validate_message(m.get("role"), m.get("content"), m.get("metadata") or {})
         except (TypeError, ValueError) as e:
             raise type(e)(f"message {i}: {e}") from None
-        ids = base.encode(base.render_message(m["role"], m["content"]))
+    encoded = base.encode_messages([(m["role"], m["content"]) for m in msgs])
+    for i, ids in enumerate(encoded):
         if len(ids) > budget:
             raise ValueError(
                 f"message {i} is {len(ids)} tokens, longer than the working budget ({budget})"
             )
-        encoded.append(ids)
-    if store.has_session(sid) and store.open_session(sid).row()["n_messages"] and not replace:
-        raise StoreError(f"session {sid!r} exists in {store.path}; pass --replace")
-    staged = store.session(
-        f"{sid}\0import-{os.urandom(8).hex()}",
-        model=base.name,
-        width=base.width,
-        block_size=engine.config.block_size,
-        gist_dtype=engine.config.gist_dtype,
-        gist_version=engine.gister.version,
-        staging=True,
-    )
+    held = store.open_session(sid).row()["n_messages"] if store.has_session(sid) else 0
+    if held and resume:
+        target = store.open_session(sid)
+        start = _resume_point(target, msgs, sid)
+    elif held and not replace:
+        raise StoreError(f"session {sid!r} exists in {store.path}; pass --replace or --resume")
+    else:
+        start = 0
+        target = store.session(
+            f"{sid}\0import-{os.urandom(8).hex()}",
+            model=base.name,
+            width=base.width,
+            block_size=engine.config.block_size,
+            gist_dtype=engine.config.gist_dtype,
+            gist_version=engine.gister.version,
+            staging=True,
+        )
     try:
-        tree = MegaContextTree(staged, engine.gister)
-        created = {}
-        for m, ids in zip(msgs, encoded, strict=True):
-            msg = tree.append(m["role"], m["content"], m.get("metadata") or {}, ids)
-            if "created" in m:
-                created[msg.seq] = m["created"]
-        if created:
-            staged.set_created(created)
-        store.swap_in(staged, sid)
+        tree = MegaContextTree(target, engine.gister)
+        total = sum(len(ids) for ids in encoded[start:])
+        with tqdm(total=total, unit="tok", desc="import", disable=not progress) as bar:
+            for lo in range(start, len(msgs), IMPORT_CHUNK):
+                part = zip(
+                    msgs[lo : lo + IMPORT_CHUNK], encoded[lo : lo + IMPORT_CHUNK], strict=True
+                )
+                chunk = [
+                    (m["role"], m["content"], m.get("metadata") or {}, ids, m.get("created"))
+                    for m, ids in part
+                ]
+                tree.extend(chunk)
+                bar.update(sum(len(c[3]) for c in chunk))
+        if target.id != sid:
+            store.swap_in(target, sid)
     except BaseException:
-        with contextlib.suppress(StoreError, OSError):
-            store.delete_session(staged.id)
+        if target.id != sid:
+            with contextlib.suppress(StoreError, OSError):
+                store.delete_session(target.id)
         raise
+    if gist:
+        tree = MegaContextTree(store.open_session(sid), engine.gister)
+        todo = (tree.n_tokens // 32 - tree.count(1)) * 32
+        with tqdm(total=todo, unit="tok", desc="gisting", disable=not progress) as bar:
+            tree.make_gists(bar.update)
     return engine.session(sid)
+
+
+def _resume_point(target: SessionStore, msgs: list[dict], sid: str) -> int:
+    """How many of `msgs` the session holds already; they must be its whole log."""
+    stored = target.messages()
+    if len(stored) > len(msgs):
+        raise StoreError(
+            f"session {sid!r} holds {len(stored)} messages, the file {len(msgs)}: not a "
+            "resumable import (use --replace)"
+        )
+    for i, (have, want) in enumerate(zip(stored, msgs[: len(stored)], strict=True)):
+        if (have.role, have.content, have.metadata) != (
+            want["role"],
+            want["content"],
+            want.get("metadata") or {},
+        ):
+            raise StoreError(
+                f"session {sid!r} differs from the file at message {i}: not a resumable "
+                "import (use --replace)"
+            )
+    return len(stored)
 
 
 def reindex(store: Store, gister, session_ids=None, force: bool = False) -> list[dict]:
@@ -272,6 +325,18 @@ def import_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replace", action="store_true", help="replace a session that already has messages"
     )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="a session holding the file's first messages gets only the rest (an "
+        "interrupted import goes on without duplicates)",
+    )
+    p.add_argument(
+        "--defer-gists",
+        action="store_true",
+        help="return once the messages are stored; the gists are made on the next open",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -290,7 +355,16 @@ def import_main(argv: list[str] | None = None) -> int:
     engine = _engine(args)
     for header, msgs in sessions:
         try:
-            s = import_session(engine, header, msgs, args.session, args.replace)
+            s = import_session(
+                engine,
+                header,
+                msgs,
+                args.session,
+                args.replace,
+                resume=args.resume,
+                progress=not args.quiet,
+                gist=not args.defer_gists,
+            )
         except (StoreError, ValueError, TypeError) as e:
             print(f"error: session {header['session']!r}: {e}", file=sys.stderr)
             return 1

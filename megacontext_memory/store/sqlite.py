@@ -591,15 +591,6 @@ class SessionStore:
         if old != version:
             self.prepare()  # drop the old version's files
 
-    def set_created(self, created: dict[int, float]) -> None:
-        """Set message timestamps (by seq) in one transaction; used by import."""
-        with self.store._write() as conn:
-            self._check(conn)
-            conn.executemany(
-                "UPDATE messages SET created = ? WHERE session_key = ? AND seq = ?",
-                [(float(t), self.key, seq) for seq, t in created.items()],
-            )
-
     # ---- reads ----------------------------------------------------------------------
     def messages(
         self, start: int = 0, end: int | None = None, role: str | None = None
