@@ -56,7 +56,7 @@ class Gister:
         version: str,
         dtype: str,
         refine: tuple[int, float, int] = (0, 0.0, 0),
-        batch: int = 64,
+        batch: int = 32,
     ):
         self.base, self.stack = base, stack.to(base.device).eval()
         self.refine = refine

@@ -304,3 +304,30 @@ def test_old_facts_are_refocused_to_raw_and_recalled(long_session):
     # copies the answer is the model's part: it must for at least two of the three.
     assert sum(recalled) >= 2, recalled
     assert json.loads(json.dumps(s.telemetry[-1].to_dict()))["budget"] == BUDGET
+
+
+def test_a_changed_system_prompt_through_the_router_takes_over_the_pin(engine_factory):
+    """Routed turns (as every adapter runs them) store each prompt text once, and the
+    newest one stays raw after the refocus of every later turn."""
+    from megacontext_memory.routing import Item, Router
+
+    e = engine_factory(working_budget=512, gist_refine_steps=0)
+    router = Router(e, "pins", "auto-")
+    chat = [Item(r, t) for r, t in conversation(e.base, 3000)[1:]]
+    half = len(chat) // 2
+
+    def turn(system: str, items: list[Item]) -> None:
+        with router.turn([Item("system", system), *items], session_id="u") as t:
+            t.session.generate(max_new_tokens=2)
+
+    turn("You are Ada. Answer in French.", chat[:half])
+    turn("You are Ada. Answer in French.", chat[half : half + 2])  # unchanged: not stored again
+    turn("You are Bob. Answer in German.", chat[half + 2 :])
+    s = e.session("u")
+    old, new = s.messages(role="system")
+    assert (old.content, new.content) == (
+        "You are Ada. Answer in French.",
+        "You are Bob. Answer in German.",
+    )
+    assert s.token_count() > 5 * 512
+    assert (s.level_map()[new.token_start : new.token_end] == 0).all()
