@@ -14,6 +14,8 @@ from pathlib import Path
 DELEGATED = {
     "train-gist": ("training.gist_train", "train_gist_main", "train GistNet (L1, then L2)"),
     "eval-gist": ("eval.gist_eval", "eval_gist_main", "held-out recovery of L1/L2 gists"),
+    "train-lens": ("training.lens_train", "train_lens_main", "label dev tasks, train LensNet"),
+    "eval-focus": ("eval.focus_eval", "eval_focus_main", "does a scorer find the answering note"),
     "eval-recall": ("eval.recall", "eval_recall_main", "recall of an old fact vs baselines"),
     "bench-scaling": ("eval.scaling", "bench_scaling_main", "per-turn cost as history grows"),
     "fsck": ("store.fsck", "fsck_main", "check (and --repair) a store's files and index"),

@@ -8,6 +8,7 @@ BLOCK_SIZE = 32  # K: tokens per L1 gist, children per node at every level
 POSITION_CONVENTIONS = ("compact",)
 GIST_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SCORERS = ("heuristic", "lensnet")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Config:
     gist_refine_lr: float = 0.01
     gist_refine_tokens: int = 4
     position_convention: str = "compact"
-    scorer: str = "heuristic"
+    scorer: str = "heuristic"  # or "lensnet" (the trained LensNet; see `eval-focus`)
+    lens_checkpoint: str | None = "default"  # "default": the shipped LensNet
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,8 +77,8 @@ class Config:
             raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}")
         if self.position_convention not in POSITION_CONVENTIONS:
             raise ValueError(f"position_convention must be one of {POSITION_CONVENTIONS}")
-        if self.scorer not in ("heuristic",):
-            raise ValueError(f"unknown scorer {self.scorer!r}; available: 'heuristic'")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {self.scorer!r}; available: {SCORERS}")
 
     def with_(self, **changes) -> Config:
         """A copy with some fields changed (validated again)."""

@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from .config import Config
 from .focus import FocusAllocator, HeuristicScorer, WorkingContext
+from .focus.scorers import LensScorer
 from .gisting import Gister
 from .models.base import ROLES, BaseModel
-from .models.checkpoint import SHIPPED, load_gist_stack
+from .models.checkpoint import LENS_SHIPPED, SHIPPED, load_gist_stack, load_lensnet
 from .models.gistnet import GistStack
 from .store import Message, Store
 from .telemetry import TurnTelemetry
@@ -71,6 +72,20 @@ def _shared_gister(base, ckpt, convention, seed, refine, dtype) -> Gister:
     # batches only raise peak memory; a GPU keeps gaining from larger ones.
     batch = 256 if base.device.type == "cuda" else 32
     return Gister(base, stack, version, dtype, refine, batch)
+
+
+def make_scorer(config: Config, base: BaseModel):
+    """The scorer `config.scorer` names: the heuristic, or LensNet from its checkpoint
+    (a checkpoint made for another base model raises CheckpointMismatch)."""
+    if config.scorer == "lensnet":
+        path = LENS_SHIPPED if config.lens_checkpoint == "default" else config.lens_checkpoint
+        return LensScorer(_shared_lens(str(path), base), base)
+    return HeuristicScorer(recency_scale=float(config.recency_tokens))
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_lens(path: str, base: BaseModel):
+    return load_lensnet(path, base)[0]
 
 
 class MegaContextEngine:
@@ -148,7 +163,7 @@ class Session:
         )
         self.tree = MegaContextTree(self.store, engine.gister)
         self.allocator = FocusAllocator(self.config)
-        self.scorer = HeuristicScorer(recency_scale=float(self.config.recency_tokens))
+        self.scorer = make_scorer(self.config, engine.base)
         self.wc = WorkingContext()
         self.telemetry: list[TurnTelemetry] = []
         self._pending = TurnTelemetry()

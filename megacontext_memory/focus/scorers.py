@@ -1,6 +1,7 @@
 """Scorers: one signed score per working-context entry (> 0: more detail, < 0: less).
 
-`HeuristicScorer` is the stand-in until LensNet is trained, and stays as an ablation:
+`LensScorer` runs the trained LensNet. `HeuristicScorer` is the hand-made one it is
+measured against (`megacontext eval-focus`), kept as an ablation:
 lexical relevance of each entry's span to the newest query (rare query tokens weigh more,
 IDF over the session's blocks) plus a recency bonus.
 
@@ -16,8 +17,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from ..config import BLOCK_SIZE as K
+from ..models.lensnet import FEATURES
 from ..tree import MegaContextTree
 from .working_context import WorkingContext
 
@@ -100,3 +103,68 @@ class HeuristicScorer:
         recency = np.exp(-(tree.n_tokens - ends) / self.recency_scale)
         rel = self.relevance(wc, tree, query)
         return self.relevance_weight * rel + recency + self.bias
+
+
+class LensScorer:
+    """LensNet's scores (`models/lensnet.py`), from inputs computed here at each refocus:
+    the entries' tokens (raw blocks and L1 gists) or gists (wider nodes), matched against
+    the question's token embeddings, plus the heuristic's lexical match and the geometry."""
+
+    def __init__(self, net, base):
+        self.net, self.base = net.eval(), base
+        self.lexical = HeuristicScorer()
+
+    @torch.no_grad()
+    def inputs(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> dict:
+        """The LensNet inputs for `wc` (numpy arrays; see `LensNet.forward`)."""
+        entries, d = wc.entries, self.base.width
+        n = len(entries)
+        vectors = np.zeros((n, d), np.float32)
+        features = np.zeros((n, len(FEATURES)), np.float32)
+        levels = np.array([min(e.level, 3) for e in entries], np.int64)
+        q = self.base.embed(query).float() if query else torch.zeros(0, d)
+        q = torch.nn.functional.normalize(q, dim=-1)
+        qmean = q.mean(0) if len(q) else torch.zeros(d)
+        near = [i for i, e in enumerate(entries) if e.level <= 1]
+        if near:
+            ids = np.zeros((len(near), K), np.int64)
+            valid = np.zeros((len(near), K), bool)
+            for row, i in enumerate(near):
+                toks = tree.tokens(entries[i].start, entries[i].end)
+                ids[row, : len(toks)], valid[row, : len(toks)] = toks, True
+            emb = torch.nn.functional.normalize(self.base.embed(ids).float(), dim=-1)
+            emb = emb * torch.as_tensor(valid)[..., None]
+            vectors[near] = (emb.sum(1) / torch.as_tensor(valid.sum(1, keepdims=True))).numpy()
+            if len(q):
+                sim = torch.einsum("qd,mkd->mqk", q, emb).masked_fill(
+                    ~torch.as_tensor(valid)[:, None], -1.0
+                )
+                best = sim.max(-1).values  # [entries, query tokens]
+                top = best.topk(min(3, best.shape[1]), dim=-1).values
+                col = {name: FEATURES.index(name) for name in FEATURES}
+                features[near, col["maxsim_mean"]] = best.mean(-1).numpy()
+                features[near, col["maxsim_max"]] = best.max(-1).values.numpy()
+                features[near, col["maxsim_top3"]] = top.mean(-1).numpy()
+        for level in sorted({e.level for e in entries if e.level >= 2}):
+            rows = [i for i, e in enumerate(entries) if e.level == level]
+            vectors[rows] = tree.gist_vectors(level, [entries[i].index for i in rows])
+        unit = torch.nn.functional.normalize(torch.as_tensor(vectors), dim=-1)
+        features[:, FEATURES.index("cosine")] = (unit @ qmean).numpy()
+        features[:, FEATURES.index("lexical")] = self.lexical.relevance(wc, tree, query)
+        ends = np.array([e.end for e in entries], np.float64)
+        spans = np.array([e.end - e.start for e in entries], np.float64)
+        features[:, FEATURES.index("distance")] = np.log2(1 + (tree.n_tokens - ends) / K)
+        features[:, FEATURES.index("width")] = np.log2(np.maximum(spans, 1) / K + 1)
+        features[:, FEATURES.index("raw")] = levels == 0
+        return {"vectors": vectors, "query": qmean.numpy(), "features": features, "levels": levels}
+
+    @torch.no_grad()
+    def score(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
+        x = self.inputs(wc, tree, query)
+        out = self.net(
+            torch.as_tensor(x["vectors"])[None],
+            torch.as_tensor(x["query"])[None],
+            torch.as_tensor(x["features"])[None],
+            torch.as_tensor(x["levels"])[None],
+        )
+        return out[0].numpy().astype(np.float64)

@@ -90,3 +90,49 @@ def base_meta(base, position_convention: str) -> dict:
         "tokenizer_hash": base.tokenizer_hash,
         "position_convention": position_convention,
     }
+
+
+LENS_SHIPPED = SHIPPED.with_name("lensnet-smollm2-135m")
+
+
+def save_lensnet(net, path: str | Path, meta: dict) -> Path:
+    """Write a LensNet as `path`.safetensors + `path`.json (with `meta`, which must hold
+    `base_meta`); returns the weights path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = path.with_suffix(".safetensors")
+    tmp = weights.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
+    tmp.replace(weights)
+    meta = dict(meta, hidden=net.hidden, project=net.project_dim, version=file_version(weights))
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return weights
+
+
+def load_lensnet(path: str | Path, base):
+    """A LensNet checkpoint for `base`; raises CheckpointMismatch when made for another."""
+    from .lensnet import FEATURES, LensNet
+
+    path = Path(path)
+    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not meta_path.exists() or not weights.exists():
+        raise FileNotFoundError(
+            f"LensNet checkpoint {path} needs {weights.name} and {meta_path.name}"
+        )
+    meta = json.loads(meta_path.read_text())
+    expected = {"base_model": base.name, "width": base.width, "tokenizer_hash": base.tokenizer_hash}
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(
+            f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items()
+        )
+        raise CheckpointMismatch(
+            f"LensNet checkpoint {path} was made for another base model ({detail})"
+        )
+    if tuple(meta.get("features", ())) != FEATURES:
+        raise CheckpointMismatch(
+            f"LensNet checkpoint {path} reads other features: {meta.get('features')}"
+        )
+    net = LensNet(base.width, hidden=meta["hidden"], project=meta["project"])
+    net.load_state_dict(load_file(weights))
+    return net.eval().requires_grad_(False), meta
