@@ -17,7 +17,6 @@ DELEGATED = {
     "train-lens": ("training.lens_train", "train_lens_main", "label dev tasks, train LensNet"),
     "eval-focus": ("eval.focus_eval", "eval_focus_main", "does a scorer find the answering note"),
     "eval-recall": ("eval.recall", "eval_recall_main", "recall of an old fact vs baselines"),
-    "bench-scaling": ("eval.scaling", "bench_scaling_main", "per-turn cost as history grows"),
     "fsck": ("store.fsck", "fsck_main", "check (and --repair) a store's files and index"),
     "reindex": (
         "operations.transfer",
@@ -30,6 +29,11 @@ DELEGATED = {
         "eval.memory_bench",
         "bench_memory_main",
         "recall of confusable facts as history grows: MegaContext vs RAG and baselines",
+    ),
+    "bench latency": (
+        "eval.latency",
+        "bench_latency_main",
+        "append, gisting and turn latency, memory and disk as history grows, vs the bare model",
     ),
     "gc": ("routing", "gc_main", "remove unused automatic adapter sessions older than an age"),
     "serve": ("serving.cli", "serve_main", "serve the engine as an OpenAI-compatible API"),
