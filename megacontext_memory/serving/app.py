@@ -9,6 +9,25 @@ A session is named by the `X-Session-Id` header or the request's `user` field. W
 either, the resent message list is routed to the session that holds it, as the in-process
 adapters do (`routing.py`), among the sessions this server created that way.
 
+Extensions for the megacontext adapters' client mode (`integrations/`, `base_url=`); an
+OpenAI client sends none of them and sees the OpenAI API unchanged:
+
+- chat request fields `ephemeral` (an unnamed call runs in a throwaway session, deleted
+  after the reply) and `max_tool_rounds`, `tool_call_threshold`, `max_string_tokens`,
+  `system_refresh_tokens` (as in `chat.run_turn`; omitted: its defaults);
+- a message may carry `metadata` (a JSON object stored with it; the keys the engine uses
+  itself, `mc_origin` and `slot`, are dropped);
+- a reply carries `session_id` and `megacontext` (the turn's engine statistics), on the
+  last chunk when streamed;
+- `POST /v1/sessions/{id}/messages` skips the messages a turn of that session ingested or
+  wrote since the last append (a history object adds the turn afterwards; `Router.add`);
+  with `"continues": true` the list must continue the session (hold its newest messages),
+  only its new part is stored, and any other list is refused with 409 (`Router.extend`);
+- `GET /v1/sessions/{id}/messages?view=history`: the messages a history object shows
+  (split messages joined, the system prompts and tool lists ingested from chat prompts
+  left out), each with its `metadata` and `tokens`;
+- `/healthz` also names the base model and the working budget.
+
 Each turn (ingest, refocus, decode, storing the reply) runs whole on one worker thread and
 hands its pieces to the response through a queue, so a streamed reply never holds a lock
 across the event loop, and turns of different sessions run side by side.
@@ -38,7 +57,7 @@ from starlette.exceptions import HTTPException
 from ..chat import Reply, reply_item, run_turn
 from ..engine import MegaContextEngine
 from ..operations.transfer import export_lines
-from ..routing import Item, get_router
+from ..routing import ORIGIN, Item, get_router, merged_messages
 from ..tool_calls import TextStream
 from .metrics import Metrics
 
@@ -47,6 +66,10 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 ROLES |= {"tool": "tool", "function": "tool"}
 ROUTER_NAME, ID_PREFIX = "openai", "oa-"
 DEFAULT_MAX_BODY = 4 * 1024 * 1024
+RESERVED_METADATA = {ORIGIN, "slot"}  # set by the engine, never by a client
+HIDDEN = ("prompt-system", "tools")  # ingested from a chat prompt, not history
+TURN_OPTIONS = ("max_tool_rounds", "tool_call_threshold", "max_string_tokens")
+TURN_OPTIONS += ("system_refresh_tokens",)
 
 
 class APIError(Exception):
@@ -63,6 +86,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     tool_calls: list[dict[str, Any]] | None = None
+    metadata: dict[str, Any] | None = None  # extension: stored with the message
 
     def item(self, index: int) -> Item:
         """The message as the session holds it (tool calls rendered as the model writes them)."""
@@ -80,8 +104,9 @@ class ChatMessage(BaseModel):
                     )
                 text += str(part.get("text", ""))
         if role == "assistant" and self.tool_calls:
-            return reply_item(text, [_call(c, index) for c in self.tool_calls])
-        return Item(role, text)
+            text = reply_item(text, [_call(c, index) for c in self.tool_calls]).text
+        meta = {k: v for k, v in (self.metadata or {}).items() if k not in RESERVED_METADATA}
+        return Item(role, text, meta)
 
 
 def _call(call: dict, index: int) -> dict:
@@ -112,6 +137,12 @@ class ChatRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
+    # extensions (see the module docstring)
+    ephemeral: bool = False
+    max_tool_rounds: int | None = Field(default=None, ge=0)
+    tool_call_threshold: float | None = Field(default=None, ge=0.0)
+    max_string_tokens: int | None = Field(default=None, ge=1)
+    system_refresh_tokens: int | None = Field(default=None, ge=0)
 
     @field_validator("stop")
     @classmethod
@@ -120,7 +151,8 @@ class ChatRequest(BaseModel):
 
 
 class AppendRequest(BaseModel):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage]
+    continues: bool = False  # extension: the list must continue the session
 
 
 class Server:
@@ -177,6 +209,8 @@ class Server:
             temperature=req.temperature,
             top_p=req.top_p,
             seed=req.seed,
+            ephemeral=req.ephemeral,
+            **{k: getattr(req, k) for k in TURN_OPTIONS if getattr(req, k) is not None},
         )
         for kind, value in turn:
             if kind == "call":
@@ -185,19 +219,38 @@ class Server:
                 emit(piece)
             elif kind == "done":
                 reply = value
-        session = self.engine.session(reply.session_id)
-        self.metrics.turn(session.telemetry[-1], time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        if self.engine.store.has_session(reply.session_id):
+            self.metrics.turn(self.engine.session(reply.session_id).telemetry[-1], seconds)
+        else:  # an ephemeral turn: its session (and telemetry) is gone already
+            self.metrics.turns.inc()
+            self.metrics.turn_seconds.observe(seconds)
         return reply, text.streaming
 
-    def append(self, session_id: str, messages: list[ChatMessage]) -> dict:
-        """Append messages without a reply; every message is checked before any is stored."""
+    def append(self, session_id: str, messages: list[ChatMessage], continues: bool) -> dict:
+        """Append messages without a reply; every message is checked before any is stored.
+        Those a turn just ingested or wrote are skipped (`Router.add`); `continues`: the
+        list must continue the session and only its new part is stored (`Router.extend`)."""
         self.check_id(session_id)
+        if not messages and not continues:
+            raise APIError(400, "messages: give at least one message", param="messages")
         items = [m.item(i) for i, m in enumerate(messages)]
         for i, it in enumerate(items):
             if not it.text.strip():
                 raise APIError(400, f"messages[{i}] has no text", param=f"messages[{i}]")
         t0 = time.perf_counter()
-        added = self.router.add(session_id, items)
+        if continues:
+            added = self.router.extend(session_id, items)
+            if added is None:
+                raise APIError(
+                    409,
+                    f"the messages do not continue session {session_id!r} (they do not hold "
+                    "its newest messages); delete the session to start it over",
+                    "conflict_error",
+                    "messages",
+                )
+        else:
+            added = self.router.add(session_id, items)
         session = self.engine.session(session_id)
         tokens = sum(len(self.engine.base.encode(it.text)) for it in added)
         self.metrics.ingest(tokens, time.perf_counter() - t0)
@@ -228,6 +281,17 @@ def _usage(r: Reply) -> dict:
         "completion_tokens": r.completion_tokens,
         "total_tokens": r.prompt_tokens + r.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+    }
+
+
+def _stats(r: Reply) -> dict:
+    """The turn's engine statistics (extension field `megacontext`)."""
+    return {
+        "prefill_tokens": r.prefill_tokens,
+        "positions_used": r.positions_used,
+        "history_tokens": r.history_tokens,
+        "ingested_messages": r.ingested_messages,
+        "model_name": r.model_name,
     }
 
 
@@ -320,7 +384,13 @@ def create_app(
 
     @app.get("/healthz")
     def healthz() -> dict:
-        return {"status": "ok", "model": name, "device": str(engine.base.device)}
+        return {
+            "status": "ok",
+            "model": name,
+            "device": str(engine.base.device),
+            "base_model": engine.base.name,
+            "working_budget": engine.config.working_budget,
+        }
 
     @app.get("/metrics")
     def metrics() -> Response:
@@ -352,6 +422,7 @@ def create_app(
                 "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
                 "usage": _usage(reply),
                 "session_id": reply.session_id,
+                "megacontext": _stats(reply),
             }
         return StreamingResponse(
             _stream(server, req, session_id, cid, name),
@@ -361,12 +432,23 @@ def create_app(
 
     @app.post("/v1/sessions/{session_id}/messages")
     async def append(session_id: str, body: AppendRequest) -> dict:
-        return await asyncio.to_thread(server.append, session_id, body.messages)
+        return await asyncio.to_thread(server.append, session_id, body.messages, body.continues)
 
     @app.get("/v1/sessions/{session_id}/messages")
-    def messages(session_id: str) -> dict:
+    def messages(session_id: str, view: str = "log") -> dict:
+        """The lossless log; `view=history`: what a history object shows (extension)."""
+        if view not in ("log", "history"):
+            raise APIError(400, f"view {view!r} is not 'log' or 'history'", param="view")
         session = server.existing(session_id)
-        return {"session": session_id, "messages": [m.to_dict() for m in session.messages()]}
+        if view == "log":
+            return {"session": session_id, "messages": [m.to_dict() for m in session.messages()]}
+        encode = engine.base.encode
+        rows = [
+            {"role": role, "content": content, "metadata": meta, "tokens": len(encode(content))}
+            for role, content, meta in merged_messages(session)
+            if meta.get(ORIGIN) not in HIDDEN
+        ]
+        return {"session": session_id, "messages": rows}
 
     @app.delete("/v1/sessions/{session_id}")
     def delete(session_id: str) -> dict:
@@ -427,5 +509,6 @@ async def _stream(
             delta["content"] = reply.content
         if reply.calls:
             delta["tool_calls"] = _tool_calls(reply)
-        yield _chunk(cid, model, delta, reply.finish_reason, usage=_usage(reply))
+        extra = {"session_id": reply.session_id, "megacontext": _stats(reply)}
+        yield _chunk(cid, model, delta, reply.finish_reason, usage=_usage(reply), **extra)
     yield "data: [DONE]\n\n"
