@@ -19,6 +19,7 @@ from langchain_core.messages import (
 
 from megacontext_memory.routing import ORIGIN, Item, digest, get_engine, get_router, merged_messages
 
+from ._client import Client, check_engine_args, client_for
 from .chat_models import (
     ID_PREFIX,
     ROUTER_NAME,
@@ -44,6 +45,9 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
     history = MegaContextChatMessageHistory("user-42", llm=llm)
     history.add_user_message("hi")
     ```
+
+    With `base_url=` (or `llm=` a ChatMegaContext with one) the session lives on a
+    `megacontext serve` server: reads, appends and `clear()` use its session endpoints.
     """
 
     def __init__(
@@ -55,13 +59,35 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
         device: str | None = None,
         engine: Any = None,
         llm: ChatMegaContext | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 600.0,
         **engine_kwargs: Any,
     ):
         """`llm` (or `engine`) gives the engine; otherwise the settings name one, on `store`
-        (default $MEGACONTEXT_STORE, then "megacontext-store")."""
+        (default $MEGACONTEXT_STORE, then "megacontext-store"). `base_url` (and `api_key`,
+        default $MEGACONTEXT_API_KEY), or `llm` built with one: the server's session."""
         if not isinstance(session_id, str) or not session_id:
             raise ValueError("session_id must be a non-empty string")
         self.session_id = session_id
+        self.client: Client | None = None
+        if base_url or (llm is not None and llm.base_url):
+            named = {"store": store, "device": device, "engine": engine}
+            given = [k for k, v in named.items() if v is not None] + list(engine_kwargs)
+            given += ["working_budget"] if working_budget != 1024 else []
+            given += ["model"] if model != "default" else []
+            check_engine_args("MegaContextChatMessageHistory", given)
+            if llm is not None and llm.base_url != (base_url or llm.base_url):
+                raise ValueError(
+                    "MegaContextChatMessageHistory: llm= runs in-process or on another server "
+                    f"than base_url={base_url!r}"
+                )
+            if llm is not None:
+                self.client = llm.client
+            else:
+                key = api_key or os.environ.get("MEGACONTEXT_API_KEY")
+                self.client = client_for(base_url, key, timeout)
+            return
         if llm is not None:
             engine = llm.engine
         if engine is None:
@@ -70,16 +96,27 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
         self.engine = engine
         self.router = get_router(self.engine, ROUTER_NAME, ID_PREFIX)
 
+    def _stored(self) -> list[tuple[str, str, dict]]:
+        """The session's messages as history shows them: (role, content, metadata)."""
+        if self.client is not None:
+            return [
+                (m["role"], m["content"], m["metadata"])
+                for m in self.client.messages(self.session_id)
+            ]
+        if not self.engine.store.has_session(self.session_id):
+            return []
+        return [
+            (role, content, meta)
+            for role, content, meta in merged_messages(self.engine.session(self.session_id))
+            if meta.get(ORIGIN) not in HIDDEN
+        ]
+
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         """Every message of the session, oldest first (rebuilt from the lossless log)."""
-        if not self.engine.store.has_session(self.session_id):
-            return []
         out: list[BaseMessage] = []
         chain = ""
-        for role, content, meta in merged_messages(self.engine.session(self.session_id)):
-            if meta.get(ORIGIN) in HIDDEN:
-                continue
+        for role, content, meta in self._stored():
             msg = _rebuild(role, content, meta, chain)
             if msg is None:
                 continue
@@ -96,9 +133,15 @@ class MegaContextChatMessageHistory(BaseChatMessageHistory):
             item = to_item(m)
             if item is not None:
                 items.append(item)
+        if self.client is not None:
+            self.client.append(self.session_id, items)
+            return
         self.router.add(self.session_id, items)
 
     def clear(self) -> None:
+        if self.client is not None:
+            self.client.delete(self.session_id)
+            return
         self.router.discard(self.session_id)
 
     async def aget_messages(self) -> list[BaseMessage]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import threading
@@ -27,11 +28,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 
 from megacontext_memory import tool_calls as _guide
 from megacontext_memory.chat import Reply, run_turn
 from megacontext_memory.routing import Item, Router, router_for
+
+from ._client import ENGINE_ARGS, Client, check_engine_args, client_for, no_engine
 
 ROUTER_NAME, ID_PREFIX = "langchain", "lc-"
 SESSION_TAG = "megacontext_session"
@@ -127,6 +130,10 @@ class ChatMegaContext(BaseChatModel):
     llm = ChatMegaContext(store="memory", working_budget=1024, max_tokens=64)
     llm.invoke("My locker code is 4417.")
     ```
+
+    With `base_url=` (and `api_key=`) the turns run on a `megacontext serve` server
+    instead, alike: the session it knows goes as `X-Session-Id` (none: the server routes
+    by content), replies stream as server-sent events, tools go in OpenAI's shape.
     """
 
     model_config = ConfigDict(populate_by_name=True, arbitrary_types_allowed=True)
@@ -165,6 +172,21 @@ class ChatMegaContext(BaseChatModel):
     """Cap on tokens per string argument of a tool call."""
     system_refresh_tokens: int | None = None
     """Re-ingest a system prompt (or tool list) once it is this many tokens back; None: once."""
+    base_url: str | None = None
+    """A `megacontext serve` server (e.g. "http://127.0.0.1:8000") to run the turns on,
+    instead of an engine in this process; not together with store/model/engine settings."""
+    api_key: SecretStr | None = None
+    """The server's API key (with `base_url`); default $MEGACONTEXT_API_KEY."""
+    timeout: float = 600.0
+    """Seconds to wait for the server (with `base_url`)."""
+
+    @model_validator(mode="after")
+    def _client_mode(self) -> ChatMegaContext:
+        if self.base_url:
+            check_engine_args("ChatMegaContext", set(ENGINE_ARGS) & self.model_fields_set)
+            if self.api_key is None and os.environ.get("MEGACONTEXT_API_KEY"):
+                self.api_key = SecretStr(os.environ["MEGACONTEXT_API_KEY"])
+        return self
 
     # ---- langchain plumbing -------------------------------------------------------------
     @property
@@ -173,10 +195,16 @@ class ChatMegaContext(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        if self.base_url:
+            engine = {"base_url": self.base_url}
+        else:
+            engine = {
+                "model": self.model,
+                "store": self.store,
+                "working_budget": self.working_budget,
+            }
         return {
-            "model": self.model,
-            "store": self.store,
-            "working_budget": self.working_budget,
+            **engine,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "session_id": self.session_id,
@@ -208,7 +236,17 @@ class ChatMegaContext(BaseChatModel):
     @property
     def router(self) -> Router:
         """This adapter's router (engine loaded on first use, shared per store in a process)."""
+        if self.base_url:
+            raise no_engine("ChatMegaContext")
         return router_for(self, ROUTER_NAME, ID_PREFIX)
+
+    @property
+    def client(self) -> Client | None:
+        """The server's client with `base_url` (None: in-process)."""
+        if not self.base_url:
+            return None
+        key = self.api_key.get_secret_value() if self.api_key else None
+        return client_for(self.base_url, key, self.timeout)
 
     @property
     def engine(self):
@@ -287,15 +325,16 @@ class ChatMegaContext(BaseChatModel):
         self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict
     ) -> Iterator[tuple[str, Any]]:
         """Yields ("call" | "text", ""), ("text", piece)..., then ("done", (content, tool
-        calls, usage, metadata)); the turn itself is `megacontext_memory.chat.run_turn`."""
+        calls, usage, metadata)); the turn itself is `megacontext_memory.chat.run_turn`, here
+        or on the server (`base_url`)."""
         model = kwargs.get("model")
         if model and model not in (self.model, self.model_name_resolved):
             raise ValueError(
                 f"ChatMegaContext serves {self.model_name_resolved!r}; per-call model "
                 f"override {model!r} is not supported"
             )
-        turn = run_turn(
-            self.router,
+        client = self.client
+        turn = (client.turn if client else functools.partial(run_turn, self.router))(
             [it for it in (to_item(m) for m in messages) if it is not None],
             session_id=self._session_for(messages, kwargs),
             tools=kwargs.get("tools") or [],

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llama_index.core.base.llms.types import (
@@ -21,7 +23,7 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field
+from llama_index.core.bridge.pydantic import Field, model_validator
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.function_calling import FunctionCallingLLM
 from llama_index.core.llms.llm import ToolSelection
@@ -29,6 +31,8 @@ from llama_index.core.llms.llm import ToolSelection
 from megacontext_memory import tool_calls
 from megacontext_memory.chat import Reply, run_turn
 from megacontext_memory.routing import Item, Router, router_for
+
+from ._client import ENGINE_ARGS, Client, check_engine_args, client_for, no_engine
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool
@@ -130,6 +134,10 @@ class MegaContextLLM(FunctionCallingLLM):
 
     llm = MegaContextLLM(store="memory", working_budget=1024, max_tokens=64)
     ```
+
+    With `base_url=` (and `api_key=`) the turns run on a `megacontext serve` server
+    instead, alike: the session it knows goes as `X-Session-Id` (none: the server routes
+    by content), one-off prompts run ephemeral there, replies stream as server-sent events.
     """
 
     store: str = Field(
@@ -159,6 +167,26 @@ class MegaContextLLM(FunctionCallingLLM):
     max_tool_rounds: int = Field(
         default=1, description="Tool calls per user turn before the model must answer."
     )
+    base_url: str | None = Field(
+        default=None,
+        description="A `megacontext serve` server to run the turns on instead of an engine "
+        "in this process (not together with store/model/engine settings).",
+    )
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        exclude=True,
+        description="The server's API key (with base_url); default $MEGACONTEXT_API_KEY.",
+    )
+    timeout: float = Field(default=600.0, description="Seconds to wait for the server.")
+
+    @model_validator(mode="after")
+    def _client_mode(self) -> MegaContextLLM:
+        if self.base_url:
+            check_engine_args("MegaContextLLM", set(ENGINE_ARGS) & self.model_fields_set)
+            if self.api_key is None:
+                self.api_key = os.environ.get("MEGACONTEXT_API_KEY")
+        return self
 
     @classmethod
     def class_name(cls) -> str:
@@ -166,12 +194,16 @@ class MegaContextLLM(FunctionCallingLLM):
 
     @property
     def model_name(self) -> str:
+        if self.base_url:
+            return Path(self.client.info()["base_model"]).name
         return DEFAULT_MODEL_NAME if self.model in ("default", DEFAULT_MODEL_NAME) else self.model
 
     @property
     def metadata(self) -> LLMMetadata:
+        """`context_window` is the budget (with `base_url`, the server's)."""
+        budget = self.client.info()["working_budget"] if self.base_url else self.working_budget
         return LLMMetadata(
-            context_window=self.working_budget,
+            context_window=budget,
             num_output=self.max_tokens,
             is_chat_model=True,
             is_function_calling_model=True,
@@ -181,7 +213,14 @@ class MegaContextLLM(FunctionCallingLLM):
     @property
     def router(self) -> Router:
         """This adapter's router (engine loaded on first use, shared per store in a process)."""
+        if self.base_url:
+            raise no_engine("MegaContextLLM")
         return router_for(self, ROUTER_NAME, ID_PREFIX)
+
+    @property
+    def client(self) -> Client | None:
+        """The server's client with `base_url` (None: in-process)."""
+        return client_for(self.base_url, self.api_key, self.timeout) if self.base_url else None
 
     @property
     def engine(self):
@@ -200,9 +239,10 @@ class MegaContextLLM(FunctionCallingLLM):
 
     def _turn(self, messages: Sequence[ChatMessage], kwargs: dict) -> Iterator[tuple[str, Any]]:
         """Yields ("call" | "text", ""), ("text", piece)..., then ("done", (text, calls,
-        info)); the turn itself is `megacontext_memory.chat.run_turn`."""
-        turn = run_turn(
-            self.router,
+        info)); the turn itself is `megacontext_memory.chat.run_turn`, here or on the
+        server (`base_url`)."""
+        client = self.client
+        turn = (client.turn if client else functools.partial(run_turn, self.router))(
             [it for it in (to_item(m) for m in messages) if it is not None],
             session_id=self._session_for(messages, kwargs),
             tools=kwargs.get("tools") or [],

@@ -7,8 +7,15 @@ import os
 from typing import Any
 
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.bridge.pydantic import Field
+from llama_index.core.bridge.pydantic import Field, model_validator
 from llama_index.core.memory.types import BaseMemory
+from llama_index.llms.megacontext._client import (
+    ENGINE_ARGS,
+    Client,
+    check_engine_args,
+    client_for,
+    no_engine,
+)
 from llama_index.llms.megacontext.base import (
     ID_PREFIX,
     ROUTER_NAME,
@@ -41,6 +48,10 @@ class MegaContextMemory(BaseMemory):
 
     memory = MegaContextMemory.from_defaults(session_id="user-42", store="memory")
     ```
+
+    With `base_url=` (or `from_defaults(llm=...)` with a MegaContextLLM that has one) the
+    session lives on a `megacontext serve` server: reads, puts, `set` and `reset` use its
+    session endpoints.
     """
 
     session_id: str = Field(default="default", description="The engine session.")
@@ -57,6 +68,24 @@ class MegaContextMemory(BaseMemory):
         "(MegaContextLLM needs the full list to recognise what it already holds, and only "
         "ingests what is new).",
     )
+    base_url: str | None = Field(
+        default=None, description="A `megacontext serve` server holding the session."
+    )
+    api_key: str | None = Field(
+        default=None,
+        repr=False,
+        exclude=True,
+        description="The server's API key (with base_url); default $MEGACONTEXT_API_KEY.",
+    )
+    timeout: float = Field(default=600.0, description="Seconds to wait for the server.")
+
+    @model_validator(mode="after")
+    def _client_mode(self) -> MegaContextMemory:
+        if self.base_url:
+            check_engine_args("MegaContextMemory", set(ENGINE_ARGS) & self.model_fields_set)
+            if self.api_key is None:
+                self.api_key = os.environ.get("MEGACONTEXT_API_KEY")
+        return self
 
     @classmethod
     def class_name(cls) -> str:
@@ -72,8 +101,12 @@ class MegaContextMemory(BaseMemory):
         **kwargs: Any,
     ) -> MegaContextMemory:
         """A memory for `session_id`; with `llm` a MegaContextLLM, it shares the LLM's
-        engine (store and every engine setting). `chat_history` is appended if given."""
-        if llm is not None and llm.__class__.__name__ == "MegaContextLLM":
+        engine (store and every engine setting), or its server (`base_url`, `api_key`).
+        `chat_history` is appended if given."""
+        if llm is not None and llm.__class__.__name__ == "MegaContextLLM" and llm.base_url:
+            for name in ("base_url", "api_key", "timeout"):
+                kwargs.setdefault(name, getattr(llm, name))
+        elif llm is not None and llm.__class__.__name__ == "MegaContextLLM":
             store = store or llm.store
             for name in ("working_budget", "model", "device", "engine_kwargs"):
                 kwargs.setdefault(name, getattr(llm, name))
@@ -87,7 +120,14 @@ class MegaContextMemory(BaseMemory):
     @property
     def router(self) -> Router:
         """This adapter's router (engine loaded on first use, shared per store in a process)."""
+        if self.base_url:
+            raise no_engine("MegaContextMemory")
         return router_for(self, ROUTER_NAME, ID_PREFIX)
+
+    @property
+    def client(self) -> Client | None:
+        """The server's client with `base_url` (None: in-process)."""
+        return client_for(self.base_url, self.api_key, self.timeout) if self.base_url else None
 
     @property
     def engine(self):
@@ -96,25 +136,38 @@ class MegaContextMemory(BaseMemory):
     # ---- reads --------------------------------------------------------------------------
     def get_all(self) -> list[ChatMessage]:
         """Every message of the session, oldest first."""
-        if not self.engine.store.has_session(self.session_id):
+        return [message for message, _ in self._read()]
+
+    def _read(self) -> list[tuple[ChatMessage, int | None]]:
+        """(message, its tokens: known with `base_url`, else None) of every message."""
+        if self.client is not None:
+            rows = [
+                (m["role"], m["content"], m["metadata"], m["tokens"])
+                for m in self.client.messages(self.session_id)
+            ]
+        elif not self.engine.store.has_session(self.session_id):
             return []
+        else:
+            rows = [
+                (role, content, meta, None)
+                for role, content, meta in merged_messages(self.engine.session(self.session_id))
+                if meta.get(ORIGIN) not in HIDDEN
+            ]
         out = []
-        for role, content, meta in merged_messages(self.engine.session(self.session_id)):
-            if meta.get(ORIGIN) in HIDDEN:
-                continue
+        for role, content, meta, tokens in rows:
             message = from_engine(role, content, meta)
             message.additional_kwargs[SESSION_TAG] = self.session_id
-            out.append(message)
+            out.append((message, tokens))
         return out
 
     def get(self, input: str | None = None, **kwargs: Any) -> list[ChatMessage]:
         """The history (all of it, or the newest messages within `token_limit`)."""
-        messages = self.get_all()
         if self.token_limit is None:
-            return messages
-        encode, total, keep = self.engine.base.encode, 0, []
-        for m in reversed(messages):
-            total += len(encode(m.content or ""))
+            return self.get_all()
+        messages, total, keep = self._read(), 0, []
+        encode = None if self.client is not None else self.engine.base.encode
+        for m, tokens in reversed(messages):
+            total += len(encode(m.content or "")) if tokens is None else tokens
             if total > self.token_limit and keep:
                 break
             keep.append(m)
@@ -126,6 +179,9 @@ class MegaContextMemory(BaseMemory):
 
     def put_messages(self, messages: list[ChatMessage]) -> None:
         items = [it for it in (to_item(m) for m in messages) if it is not None]
+        if self.client is not None:
+            self.client.append(self.session_id, items)
+            return
         self.router.add(self.session_id, items)
 
     def set(self, messages: list[ChatMessage]) -> None:
@@ -133,7 +189,11 @@ class MegaContextMemory(BaseMemory):
         the session (holds its newest messages) appends what is new; any other list raises
         ValueError (call reset() first to start over)."""
         items = [it for it in (to_item(m) for m in messages) if it is not None]
-        if self.router.extend(self.session_id, items) is None:
+        if self.client is not None:
+            continued = self.client.append(self.session_id, items, continues=True)
+        else:
+            continued = self.router.extend(self.session_id, items) is not None
+        if not continued:
             raise ValueError(
                 f"set() would replace the stored history of session {self.session_id!r}; "
                 "the history is durable: call reset() first to delete it"
@@ -141,6 +201,9 @@ class MegaContextMemory(BaseMemory):
 
     def reset(self) -> None:
         """Delete the session's history from the store."""
+        if self.client is not None:
+            self.client.delete(self.session_id)
+            return
         self.router.discard(self.session_id)
 
     # ---- async: the store is blocking I/O, so run it off the event loop -----------------
