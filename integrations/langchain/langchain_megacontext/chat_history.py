@@ -18,8 +18,8 @@ from langchain_core.messages import (
 )
 
 from megacontext_memory.routing import ORIGIN, Item, digest, get_engine, get_router, merged_messages
+from megacontext_memory.serving.client import Client, check_engine_args, client_for
 
-from ._client import Client, check_engine_args, client_for
 from .chat_models import (
     ID_PREFIX,
     ROUTER_NAME,

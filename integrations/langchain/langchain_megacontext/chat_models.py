@@ -33,8 +33,13 @@ from pydantic import ConfigDict, Field, SecretStr, model_validator
 from megacontext_memory import tool_calls as _guide
 from megacontext_memory.chat import Reply, run_turn
 from megacontext_memory.routing import Item, Router, router_for
-
-from ._client import ENGINE_ARGS, Client, check_engine_args, client_for, no_engine
+from megacontext_memory.serving.client import (
+    ENGINE_ARGS,
+    Client,
+    check_engine_args,
+    client_for,
+    no_engine,
+)
 
 ROUTER_NAME, ID_PREFIX = "langchain", "lc-"
 SESSION_TAG = "megacontext_session"

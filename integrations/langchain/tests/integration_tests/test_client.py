@@ -6,8 +6,8 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_megacontext import ChatMegaContext, MegaContextChatMessageHistory
-from langchain_megacontext._client import AuthenticationError
 
+from megacontext_memory.serving.client import AuthenticationError
 from megacontext_memory.serving.process import ServerProcess
 
 KEY = "sk-test"

@@ -5,8 +5,8 @@ import httpx
 import pytest
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.megacontext import MegaContextLLM
-from llama_index.llms.megacontext._client import AuthenticationError
 
+from megacontext_memory.serving.client import AuthenticationError
 from megacontext_memory.serving.process import ServerProcess
 
 KEY = "sk-test"

@@ -31,8 +31,13 @@ from llama_index.core.llms.llm import ToolSelection
 from megacontext_memory import tool_calls
 from megacontext_memory.chat import Reply, run_turn
 from megacontext_memory.routing import Item, Router, router_for
-
-from ._client import ENGINE_ARGS, Client, check_engine_args, client_for, no_engine
+from megacontext_memory.serving.client import (
+    ENGINE_ARGS,
+    Client,
+    check_engine_args,
+    client_for,
+    no_engine,
+)
 
 if TYPE_CHECKING:
     from llama_index.core.tools.types import BaseTool

@@ -9,13 +9,6 @@ from typing import Any
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.bridge.pydantic import Field, model_validator
 from llama_index.core.memory.types import BaseMemory
-from llama_index.llms.megacontext._client import (
-    ENGINE_ARGS,
-    Client,
-    check_engine_args,
-    client_for,
-    no_engine,
-)
 from llama_index.llms.megacontext.base import (
     ID_PREFIX,
     ROUTER_NAME,
@@ -29,6 +22,13 @@ from megacontext_memory.routing import (
     Router,
     merged_messages,
     router_for,
+)
+from megacontext_memory.serving.client import (
+    ENGINE_ARGS,
+    Client,
+    check_engine_args,
+    client_for,
+    no_engine,
 )
 
 HIDDEN = ("prompt-system", "tools")  # system prompts an LLM ingested from its prompt

@@ -1,6 +1,6 @@
-"""Client mode: the adapter talks to `megacontext serve` (`base_url=`) instead of an engine.
+"""Client mode: an adapter talks to `megacontext serve` (`base_url=`) instead of an engine.
 
-`Client.turn` takes what `megacontext_memory.chat.run_turn` takes and yields what it
+Shared by the LangChain and LlamaIndex adapters. `Client.turn` takes what `megacontext_memory.chat.run_turn` takes and yields what it
 yields (text pieces, then a `Reply`), over the server's OpenAI-compatible streaming API, so
 the adapter maps a remote turn exactly as a local one. The history side uses the native
 session endpoints. The server extensions used here are listed in `serving/app.py`.
