@@ -82,3 +82,16 @@ def test_the_engine_runs_turns_with_the_shipped_lensnet(engine_factory):
     s.append("user", "Where does my sister live?")
     assert s.generate(max_new_tokens=8).strip()
     assert s.telemetry[-1].positions_used <= 512
+
+
+def test_eval_focus_reports_every_scorer():
+    from megacontext_memory.eval.focus_eval import SCORERS, run, table
+
+    if not LENS_SHIPPED.with_suffix(".safetensors").exists():
+        pytest.skip("no shipped LensNet")
+    result = run([2000], 1, "dev", 0, {"working_budget": 512, "gist_refine_steps": 0})
+    assert set(result["summary"]) == set(SCORERS)
+    for by_size in result["summary"].values():
+        m = by_size["2000"]
+        assert m["tasks"] == 1 and 0 <= m["hit@1"] <= m["hit@4"] <= 1 and 0 < m["used"] <= 1
+    assert "lensnet" in table(result)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -69,7 +71,7 @@ def run(sizes: list[int], n: int, split: str, seed: int, options: dict) -> dict:
     from ..engine import MegaContextEngine
     from .tasks import TaskGenerator, reader_counter
 
-    engine = MegaContextEngine(store=f"runs/eval-focus-store-{time.time_ns()}", **options)
+    engine = MegaContextEngine(store=tempfile.mkdtemp(prefix="mc-eval-focus-"), **options)
     base = engine.base
     scorers = _scorers(engine, seed)
     gen = TaskGenerator(split, reader_counter(base), seed=seed)
@@ -111,6 +113,7 @@ def run(sizes: list[int], n: int, split: str, seed: int, options: dict) -> dict:
                     }
                 )
             engine.delete_session(task.id)
+    shutil.rmtree(engine.store.path, ignore_errors=True)
     return {
         "split": split,
         "sizes": sizes,

@@ -204,7 +204,7 @@ def fit(
         opt.step()
         if step % 50 == 0 or step == steps:
             m = evaluate(net, held)
-            log.append({"step": step, "loss": round(float(loss), 4), **m})
+            log.append({"step": step, "loss": round(loss.item(), 4), **m})
             if (m["hit@4"], m["hit@1"]) > best:
                 best = (m["hit@4"], m["hit@1"])
                 best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -240,8 +240,9 @@ def train_lens_main(argv: list[str] | None = None) -> int:
     options = {"working_budget": args.budget, "gist_refine_steps": 0}
     paths = make_labels(Path(args.labels), sizes, args.seed, options)
     examples = _load(paths)
-    held = [x for x in examples if int(x["name"].split("-")[2]) % 5 == 0]
-    train = [x for x in examples if x not in held]
+    is_held = [int(x["name"].split("-")[2]) % 5 == 0 for x in examples]
+    held = [x for x, h in zip(examples, is_held, strict=True) if h]
+    train = [x for x, h in zip(examples, is_held, strict=True) if not h]
     net, log = fit(train, held, args.steps, args.lr, args.temperature, args.seed)
     from ..engine import _shared_base
 
