@@ -1,4 +1,6 @@
-"""`megacontext serve`: host one engine over HTTP (uvicorn), model loaded once."""
+"""`megacontext serve`: host one engine over HTTP (uvicorn), model loaded once; with
+`--ray`, N engine replicas over one store on Ray Serve, each session pinned to one of them
+(`ray_app.py`; ray is imported only then)."""
 
 from __future__ import annotations
 
@@ -31,6 +33,19 @@ def serve_parser() -> argparse.ArgumentParser:
         metavar="FIELD=VALUE",
         help="any other Config field, e.g. gist_refine_steps=0 (repeatable; VALUE as JSON)",
     )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="scale out on Ray Serve: a local Ray instance runs --replicas engines over "
+        "the store, each session served by one of them",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="engine replicas with --ray (default 2); each loads the model once",
+    )
     return p
 
 
@@ -51,7 +66,20 @@ def engine_overrides(options: list[str]) -> dict:
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    if args.ray:
+        args.replicas = 2 if args.replicas is None else args.replicas
+        if args.replicas < 1:
+            parser.error("--replicas must be at least 1")
+        try:
+            from .ray_app import serve_ray
+        except ImportError as e:
+            parser.error(f"--ray needs Ray Serve: pip install 'megacontext-memory[serve]' ({e})")
+        engine = {"working_budget": args.budget, "model": args.model, "device": args.device}
+        return serve_ray(args, {**engine, **engine_overrides(args.engine_option)})
+    if args.replicas is not None:
+        parser.error("--replicas needs --ray")
     import uvicorn
 
     from ..engine import MegaContextEngine
