@@ -253,19 +253,22 @@ def test_import_replace_builds_aside_and_swaps_or_leaves_the_original(
 
     from megacontext_memory.tree import MegaContextTree
 
+    from megacontext_memory.operations import transfer
+
     calls = {"n": 0}
-    append = MegaContextTree.append
+    extend = MegaContextTree.extend
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:  # the second of three chunks: halfway
             raise OSError("disk full")
-        return append(self, *args, **kwargs)
+        return extend(self, *args, **kwargs)
 
-    monkeypatch.setattr(MegaContextTree, "append", failing)
+    monkeypatch.setattr(transfer, "IMPORT_CHUNK", 2)
+    monkeypatch.setattr(MegaContextTree, "extend", failing)
     with pytest.raises(OSError, match="disk full"):
         import_session(engine, header, msgs, replace=True)
-    monkeypatch.setattr(MegaContextTree, "append", append)
+    monkeypatch.setattr(MegaContextTree, "extend", extend)
     assert engine.sessions() == ["x"]
     assert [m.to_dict() for m in engine.session("x").messages()] == kept
     assert fsck(tmp_path / "st").clean
