@@ -8,7 +8,7 @@ shows of the history (see `eval/tasks.py` for the tasks):
   full         the whole history, where it fits the model's trained context
   truncation   the newest messages that fit the budget
   rag          top-k FAISS chunks (all-MiniLM-L6-v2) in time order, then the newest messages
-  megacontext  the engine, once per available scorer (gists + focus under the budget)
+  megacontext  the engine (gists + focus under the budget), once per `--scorers` entry
 
 A reply is correct when it names the latest value (any accepted form) and none of the
 distractors (the siblings' values, the superseded value); `answer_mentioned` counts replies
@@ -35,25 +35,12 @@ from itertools import product
 from pathlib import Path
 
 from ..baselines import SYSTEM_PROMPT, newest_that_fit, prompt_ids, read
-from ..config import Config
+from ..config import SCORERS, Config
 from .tasks import BENCH_SPLITS, SIZES, Task, TaskGenerator, mentions, reader_counter
 
 QUICK = {2000: 3, 8000: 2}  # tasks per size with --quick
 TASKS_PER_SIZE = 24
 MAX_NEW_TOKENS = 32
-SCORER_CANDIDATES = ("heuristic", "lensnet")
-
-
-def available_scorers() -> list[str]:
-    """The scorers the engine's config accepts today."""
-    ok = []
-    for name in SCORER_CANDIDATES:
-        try:
-            Config(scorer=name)
-        except ValueError:
-            continue
-        ok.append(name)
-    return ok
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -382,7 +369,7 @@ def run(
     t_start, commit = time.perf_counter(), git_commit()  # the code this run loaded
     with tempfile.TemporaryDirectory(prefix="mc-memory-bench-") as scratch:
         bench = Bench(
-            systems, budget, rag_grid, scorers or available_scorers(), Path(scratch), device
+            systems, budget, rag_grid, scorers or [Config().scorer], Path(scratch), device
         )
         gen = TaskGenerator(split, bench.count, seed)
         result = {}
@@ -455,7 +442,12 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
         default=["oracle", "full", "truncation", "rag", "megacontext"],
         choices=["oracle", "full", "truncation", "rag", "megacontext"],
     )
-    p.add_argument("--scorers", nargs="+", help="megacontext scorers (default: all available)")
+    p.add_argument(
+        "--scorers",
+        nargs="+",
+        choices=SCORERS,
+        help="megacontext scorers, one system each (default: the engine's default scorer)",
+    )
     p.add_argument("--chunk-tokens", type=int, nargs="+", help=f"RAG (default {CHUNK_TOKENS})")
     p.add_argument("--k", type=int, nargs="+", help=f"RAG chunks retrieved (default {TOP_K})")
     p.add_argument("--budget", type=int, default=1024, help="working budget of every system")
