@@ -251,9 +251,8 @@ def test_import_replace_builds_aside_and_swaps_or_leaves_the_original(
     with pytest.raises(ValueError, match="message 2: unknown role"):
         import_session(engine, header, bad, replace=True)
 
-    from megacontext_memory.tree import MegaContextTree
-
     from megacontext_memory.operations import transfer
+    from megacontext_memory.tree import MegaContextTree
 
     calls = {"n": 0}
     extend = MegaContextTree.extend
