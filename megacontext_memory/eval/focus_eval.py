@@ -166,7 +166,7 @@ def table(result: dict) -> str:
 
 
 def eval_focus_main(argv: list[str] | None = None) -> int:
-    from ..serving.cli import engine_overrides
+    from ..serving.cli import add_engine_option, engine_overrides
 
     p = argparse.ArgumentParser(
         prog="megacontext eval-focus",
@@ -178,7 +178,7 @@ def eval_focus_main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test", choices=("dev", "test"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=1024)
-    p.add_argument("--engine-option", action="append", default=[], metavar="FIELD=VALUE")
+    add_engine_option(p)
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)

@@ -396,7 +396,7 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def bench_latency_main(argv: list[str] | None = None) -> int:
-    from ..serving.cli import engine_overrides
+    from ..serving.cli import add_engine_option, engine_overrides
 
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(
@@ -415,13 +415,7 @@ def bench_latency_main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply", type=int, default=REPLY, help="reply length in tokens")
     p.add_argument("--appends", type=int, help=f"timed appends per size (default {APPENDS})")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: automatic)")
-    p.add_argument(
-        "--engine-option",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="any other Config field, e.g. gist_refine_steps=0 (repeatable; VALUE as JSON)",
-    )
+    add_engine_option(p)
     p.add_argument("--out", help="folder for latency.json and latency.png")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)

@@ -24,23 +24,48 @@ class CheckpointMismatch(ValueError):
 
 def save_gist_stack(stack: GistStack, path: str | Path, meta: dict) -> Path:
     """Write `path`.safetensors and `path`.json; returns the weights path."""
+    net = stack.levels[0]
+    shape = {
+        "hidden": net.hidden,
+        "heads": net.encode.attn.num_heads,
+        "depth": net.depth,
+        "feature_layers": stack.feature_layers,
+    }
+    return _save(stack, path, meta | shape)
+
+
+def _save(net, path: str | Path, meta: dict) -> Path:
+    """Weights, then the metadata (with the weights' version), each replaced whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights = path.with_suffix(".safetensors")
     tmp = weights.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in stack.state_dict().items()}, tmp)
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
     tmp.replace(weights)
-    net = stack.levels[0]
-    meta = dict(
-        meta,
-        hidden=net.hidden,
-        heads=net.encode.attn.num_heads,
-        depth=net.depth,
-        feature_layers=stack.feature_layers,
-        version=file_version(weights),
-    )
+    meta = dict(meta, version=file_version(weights))
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     return weights
+
+
+def _load_meta(path: str | Path, what: str, expected: dict) -> tuple[dict, Path]:
+    """A checkpoint's metadata and weights path; CheckpointMismatch unless it was made for
+    what `expected` names."""
+    path = Path(path)
+    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
+    if not meta_path.exists() or not weights.exists():
+        raise FileNotFoundError(
+            f"{what} checkpoint {path} needs {weights.name} and {meta_path.name}"
+        )
+    meta = json.loads(meta_path.read_text())
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(
+            f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items()
+        )
+        raise CheckpointMismatch(
+            f"{what} checkpoint {path} was made for another base model ({detail})"
+        )
+    return meta, weights
 
 
 def file_version(weights: Path) -> str:
@@ -49,27 +74,7 @@ def file_version(weights: Path) -> str:
 
 def load_gist_stack(path: str | Path, base, position_convention: str) -> tuple[GistStack, dict]:
     """Load a checkpoint for `base` (a BaseModel); raise CheckpointMismatch if not made for it."""
-    path = Path(path)
-    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not meta_path.exists() or not weights.exists():
-        raise FileNotFoundError(
-            f"GistNet checkpoint {path} needs {weights.name} and {meta_path.name}"
-        )
-    meta = json.loads(meta_path.read_text())
-    expected = {
-        "base_model": base.name,
-        "width": base.width,
-        "tokenizer_hash": base.tokenizer_hash,
-        "position_convention": position_convention,
-    }
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        detail = ", ".join(
-            f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items()
-        )
-        raise CheckpointMismatch(
-            f"GistNet checkpoint {path} was made for another base model ({detail})"
-        )
+    meta, weights = _load_meta(path, "GistNet", base_meta(base, position_convention))
     stack = GistStack(
         base.width,
         hidden=meta["hidden"],
@@ -98,37 +103,16 @@ LENS_SHIPPED = SHIPPED.with_name("lensnet-smollm2-135m")
 def save_lensnet(net, path: str | Path, meta: dict) -> Path:
     """Write a LensNet as `path`.safetensors + `path`.json (with `meta`, which must hold
     `base_meta`); returns the weights path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights = path.with_suffix(".safetensors")
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, tmp)
-    tmp.replace(weights)
-    meta = dict(meta, hidden=net.hidden, project=net.project_dim, version=file_version(weights))
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return weights
+    return _save(net, path, meta | {"hidden": net.hidden, "project": net.project_dim})
 
 
 def load_lensnet(path: str | Path, base):
-    """A LensNet checkpoint for `base`; raises CheckpointMismatch when made for another."""
+    """A LensNet checkpoint for `base`; raises CheckpointMismatch when made for another
+    base model or for other input features."""
     from .lensnet import FEATURES, LensNet
 
-    path = Path(path)
-    meta_path, weights = path.with_suffix(".json"), path.with_suffix(".safetensors")
-    if not meta_path.exists() or not weights.exists():
-        raise FileNotFoundError(
-            f"LensNet checkpoint {path} needs {weights.name} and {meta_path.name}"
-        )
-    meta = json.loads(meta_path.read_text())
     expected = {"base_model": base.name, "width": base.width, "tokenizer_hash": base.tokenizer_hash}
-    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
-    if wrong:
-        detail = ", ".join(
-            f"{k}: checkpoint has {a!r}, engine has {b!r}" for k, (a, b) in wrong.items()
-        )
-        raise CheckpointMismatch(
-            f"LensNet checkpoint {path} was made for another base model ({detail})"
-        )
+    meta, weights = _load_meta(path, "LensNet", expected)
     if tuple(meta.get("features", ())) != FEATURES:
         raise CheckpointMismatch(
             f"LensNet checkpoint {path} reads other features: {meta.get('features')}"

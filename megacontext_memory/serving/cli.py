@@ -26,13 +26,7 @@ def serve_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' (default: $MEGACONTEXT_API_KEY; none: open)",
     )
     p.add_argument("--max-tokens", type=int, default=256, help="reply limit when unspecified")
-    p.add_argument(
-        "--engine-option",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="any other Config field, e.g. gist_refine_steps=0 (repeatable; VALUE as JSON)",
-    )
+    add_engine_option(p)
     p.add_argument(
         "--ray",
         action="store_true",
@@ -47,6 +41,18 @@ def serve_parser() -> argparse.ArgumentParser:
         help="engine replicas with --ray (default 2); each loads the model once",
     )
     return p
+
+
+def add_engine_option(p: argparse.ArgumentParser) -> None:
+    """`--engine-option FIELD=VALUE`, read by `engine_overrides` (shared by the commands
+    that build an engine)."""
+    p.add_argument(
+        "--engine-option",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other Config field, e.g. gist_refine_steps=0 (repeatable; VALUE as JSON)",
+    )
 
 
 def engine_overrides(options: list[str]) -> dict:
