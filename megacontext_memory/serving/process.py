@@ -3,11 +3,13 @@ examples that talk to a real server the way clients do."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +31,7 @@ class ServerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.store, self.url, self.proc = Path(store), f"http://127.0.0.1:{self.port}", None
+        self.api_key = api_key
         cmd = [sys.executable, "-m", "megacontext_memory.cli", "serve", "--store", str(store)]
         cmd += ["--port", str(self.port), "--budget", str(budget)]
         cmd += ["--api-key", api_key] if api_key else []
@@ -59,6 +62,21 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=60)
+
+    def log(self, session_id: str) -> list[tuple[str, str]] | None:
+        """A session's stored log as (role, content) pairs; None when there is no such
+        session (what tests check after driving the server as a client would)."""
+        req = urllib.request.Request(f"{self.url}/v1/sessions/{session_id}/messages")
+        if self.api_key:
+            req.add_header("Authorization", f"Bearer {self.api_key}")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+        return [(m["role"], m["content"]) for m in body["messages"]]
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -1,7 +1,6 @@
 """Client mode: ChatMegaContext and MegaContextChatMessageHistory with `base_url=` behave as
 in-process, through one real `megacontext serve` process for the module."""
 
-import httpx
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.tools import tool
@@ -41,16 +40,6 @@ def _llm(server, **kw) -> ChatMegaContext:
     return ChatMegaContext(base_url=server.url, api_key=KEY, **kw)
 
 
-def _log(server, sid) -> list[tuple[str, str]] | None:
-    """The session's raw log on the server (None: no such session)."""
-    r = httpx.get(
-        f"{server.url}/v1/sessions/{sid}/messages", headers={"Authorization": f"Bearer {KEY}"}
-    )
-    if r.status_code == 404:
-        return None
-    return [(m["role"], m["content"]) for m in r.json()["messages"]]
-
-
 def _for(sid: str) -> dict:
     return {"configurable": {"session_id": sid}}
 
@@ -69,7 +58,7 @@ def test_six_turns_routed_by_content_recall_the_first(server):
         sessions.add(meta["session_id"])
         messages.append(reply)
     assert len(sessions) == 1 and ANSWER in reply.content
-    log = _log(server, sessions.pop())
+    log = server.log(sessions.pop())
     assert [r for r, _ in log] == ["system"] + ["user", "assistant"] * 6  # each message once
 
 
@@ -82,7 +71,7 @@ async def test_stream_joins_to_the_invoked_shape(server):
     for c in chunks[1:]:
         joined += c
     reply = llm.invoke("Say hello to the world.", _for("streamer-2"))
-    assert joined.content == reply.content == _log(server, "streamer")[-1][1]  # greedy
+    assert joined.content == reply.content == server.log("streamer")[-1][1]  # greedy
     assert joined.response_metadata.keys() == reply.response_metadata.keys()
     assert joined.usage_metadata == reply.usage_metadata
     assert joined.response_metadata["session_id"] == "streamer"
@@ -90,7 +79,7 @@ async def test_stream_joins_to_the_invoked_shape(server):
     cut = _llm(server, max_tokens=2).invoke("Tell me a long story about ships.", _for("cut"))
     assert cut.response_metadata["finish_reason"] == "length"
     pieces = [c async for c in llm.astream("Hello again.", _for("streamer"))]
-    assert "".join(c.content for c in pieces) == _log(server, "streamer")[-1][1]
+    assert "".join(c.content for c in pieces) == server.log("streamer")[-1][1]
 
 
 @tool
@@ -122,7 +111,7 @@ def test_history_sees_its_sessions_turns_and_no_other(server):
     question = HumanMessage("Remember: blue.")
     reply = llm.invoke([question], _for("alice"))
     alice.add_messages([question, reply])  # what RunnableWithMessageHistory does after a turn
-    assert [r for r, _ in _log(server, "alice")] == ["user", "assistant"]  # not stored twice
+    assert [r for r, _ in server.log("alice")] == ["user", "assistant"]  # not stored twice
     assert [m.content for m in alice.messages] == ["Remember: blue.", reply.content]
     llm.invoke("I am Bob.", _for("bob"))
     # messages read from alice's history name her session: no config needed
@@ -158,13 +147,13 @@ def test_history_add_read_clear(server):
     ]
     assert got[2].tool_calls[0]["args"] == {"a": 1, "b": 2} and got[3].tool_call_id == "c1"
     h.clear()
-    assert h.messages == [] and _log(server, "h1") is None  # deleted on the server
+    assert h.messages == [] and server.log("h1") is None  # deleted on the server
     h.clear()  # nothing left to delete: no error, as in-process
 
 
 def test_ephemeral_call_leaves_no_session(server):
     reply = _llm(server, max_tokens=2).invoke("One-off prompt.", ephemeral=True)
-    assert reply.content and _log(server, reply.response_metadata["session_id"]) is None
+    assert reply.content and server.log(reply.response_metadata["session_id"]) is None
 
 
 def test_wrong_api_key_and_mixed_arguments_are_refused(server):

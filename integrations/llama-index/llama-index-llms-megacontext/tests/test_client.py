@@ -1,7 +1,6 @@
 """Client mode: MegaContextLLM with `base_url=` behaves as in-process, through one real
 `megacontext serve` process for the module."""
 
-import httpx
 import pytest
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.megacontext import MegaContextLLM
@@ -40,16 +39,6 @@ def _llm(server, **kw) -> MegaContextLLM:
     return MegaContextLLM(base_url=server.url, api_key=KEY, **kw)
 
 
-def _log(server, sid) -> list[tuple[str, str]] | None:
-    """The session's raw log on the server (None: no such session)."""
-    r = httpx.get(
-        f"{server.url}/v1/sessions/{sid}/messages", headers={"Authorization": f"Bearer {KEY}"}
-    )
-    if r.status_code == 404:
-        return None
-    return [(m["role"], m["content"]) for m in r.json()["messages"]]
-
-
 def _user(text: str) -> ChatMessage:
     return ChatMessage(role="user", content=text)
 
@@ -72,7 +61,7 @@ def test_six_turns_in_a_named_session_recall_the_first(server):
         assert r.raw["total_tokens"] == r.raw["prompt_tokens"] + r.raw["completion_tokens"]
         history.append(r.message)
     assert ANSWER in r.message.content
-    assert [r for r, _ in _log(server, "u1")] == ["system"] + ["user", "assistant"] * 6
+    assert [r for r, _ in server.log("u1")] == ["system"] + ["user", "assistant"] * 6
 
 
 async def test_stream_chat_joins_to_the_chat_shape(server):
@@ -81,7 +70,7 @@ async def test_stream_chat_joins_to_the_chat_shape(server):
     reply = llm.chat([_user("Say hello to the world.")], session_id="s2")
     assert sum(bool(c.delta) for c in chunks) > 1  # streamed in pieces
     assert chunks[-1].message.content == "".join(c.delta or "" for c in chunks)
-    assert chunks[-1].message.content == reply.message.content == _log(server, "s1")[-1][1]
+    assert chunks[-1].message.content == reply.message.content == server.log("s1")[-1][1]
     assert sum("usage" in c.raw for c in chunks) == 1  # usage once, at the end
     assert chunks[-1].raw.keys() == reply.raw.keys()
     assert reply.raw["finish_reason"] in ("stop", "length")
@@ -90,7 +79,7 @@ async def test_stream_chat_joins_to_the_chat_shape(server):
     r = await llm.achat([_user("Hello")], session_id="s4")
     gen = await llm.astream_chat([_user("Hello again")], session_id="s4")
     last = [c async for c in gen][-1]
-    assert r.message.content and last.message.content == _log(server, "s4")[-1][1]
+    assert r.message.content and last.message.content == server.log("s4")[-1][1]
 
 
 def test_tool_call_and_one_off_prompts(server):
@@ -110,7 +99,7 @@ def test_tool_call_and_one_off_prompts(server):
     )
     assert r.raw["finish_reason"] == "tool_calls"
     done = llm.complete("Say hi")  # a prompt, not a conversation: ephemeral on the server
-    assert done.text and _log(server, done.raw["session_id"]) is None
+    assert done.text and server.log(done.raw["session_id"]) is None
 
 
 def test_wrong_api_key_and_mixed_arguments_are_refused(server):

@@ -1,7 +1,6 @@
 """Client mode: MegaContextMemory (with MegaContextLLM) with `base_url=` behaves as
 in-process, through one real `megacontext serve` process for the module."""
 
-import httpx
 import pytest
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.llms.megacontext import MegaContextLLM
@@ -41,16 +40,6 @@ def _llm(server, **kw) -> MegaContextLLM:
     return MegaContextLLM(base_url=server.url, api_key=KEY, **kw)
 
 
-def _log(server, sid) -> list[tuple[str, str]] | None:
-    """The session's raw log on the server (None: no such session)."""
-    r = httpx.get(
-        f"{server.url}/v1/sessions/{sid}/messages", headers={"Authorization": f"Bearer {KEY}"}
-    )
-    if r.status_code == 404:
-        return None
-    return [(m["role"], m["content"]) for m in r.json()["messages"]]
-
-
 def _msg(role: str, text: str) -> ChatMessage:
     return ChatMessage(role=role, content=text)
 
@@ -68,7 +57,7 @@ def test_six_turns_through_the_memory_recall_the_first(server):
         assert reply.raw["ingested_messages"] == (2 if i == 0 else 1)
         memory.put_messages([question, reply.message])
     assert ANSWER in reply.message.content
-    log = _log(server, "user-1")
+    log = server.log("user-1")
     assert [r for r, _ in log] == ["system"] + ["user", "assistant"] * 6  # each message once
     assert len(memory.get()) == 12  # the prompt's system message is not history
 
@@ -88,8 +77,8 @@ def test_memory_sees_its_sessions_turns_and_no_other(server):
     assert say(alice, "Hi").raw["session_id"] == "alice"
     secret = _msg("system", "The user is Alice, account 555-0101.")
     assert llm.chat([secret, *alice.get()]).raw["session_id"] == "alice"
-    assert [r for r, _ in _log(server, "bob")] == ["user", "assistant"]  # not stored twice
-    assert not any("555-0101" in c for _, c in _log(server, "bob"))
+    assert [r for r, _ in server.log("bob")] == ["user", "assistant"]  # not stored twice
+    assert not any("555-0101" in c for _, c in server.log("bob"))
     assert [m.content for m in bob.get()][0] == "Hi" and len(bob.get()) == 2
     # an unnamed list equal to bob's is another conversation, never bob's
     plain = [_msg(m.role, m.content) for m in bob.get()]
@@ -116,7 +105,7 @@ def test_memory_basics_set_and_reset(server):
     with pytest.raises(ValueError, match="reset"):  # set() never deletes durable history
         memory.set([_msg("user", "only")])
     memory.reset()
-    assert memory.get() == [] and _log(server, "s") is None  # deleted on the server
+    assert memory.get() == [] and server.log("s") is None  # deleted on the server
     memory.set([_msg("user", "only")])
     assert [m.content for m in memory.get()] == ["only"]
 
