@@ -87,6 +87,7 @@ class Bench:
         scratch: Path,
         device: str | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        engine_options: dict | None = None,
     ):
         from .. import MegaContextEngine
 
@@ -96,7 +97,9 @@ class Bench:
             for name, scorer in self._megacontext_names(scorers).items():
                 store = scratch / f"engine-{scorer}"
                 self.engines[name] = MegaContextEngine(
-                    store=store, working_budget=budget, device=device, scorer=scorer
+                    store=store,
+                    **{**(engine_options or {}), "working_budget": budget, "device": device},
+                    scorer=scorer,
                 )
         engine = next(iter(self.engines.values()), None)
         engine = engine or MegaContextEngine(store=scratch / "reader", working_budget=budget)
@@ -115,6 +118,8 @@ class Bench:
                 self.settings[name] = {"chunk_tokens": c, "k": k}
         for name in self.engines:
             self.settings[name] = {"scorer": self.engines[name].config.scorer}
+            if engine_options:
+                self.settings[name]["engine_options"] = engine_options
 
     @staticmethod
     def _megacontext_names(scorers: list[str]) -> dict[str, str]:
@@ -344,6 +349,7 @@ def run(
     seed: int = 0,
     resume: bool = False,
     device: str | None = None,
+    engine_options: dict | None = None,
 ) -> dict:
     """Run the benchmark; `out` gets rows.jsonl (one line per reply, as they come),
     memory_bench.json (rewritten after every task) and memory_bench.png. With `resume`, the
@@ -368,8 +374,9 @@ def run(
     prior_settings = prior.get("settings", {})
     t_start, commit = time.perf_counter(), git_commit()  # the code this run loaded
     with tempfile.TemporaryDirectory(prefix="mc-memory-bench-") as scratch:
+        scorers = scorers or [Config().scorer]
         bench = Bench(
-            systems, budget, rag_grid, scorers or [Config().scorer], Path(scratch), device
+            systems, budget, rag_grid, scorers, Path(scratch), device, engine_options=engine_options
         )
         gen = TaskGenerator(split, bench.count, seed)
         result = {}
@@ -426,6 +433,7 @@ def _grid(values: list[int] | None, default: int) -> list[int]:
 
 def bench_memory_main(argv: list[str] | None = None) -> int:
     from ..baselines.rag import CHUNK_TOKENS, TOP_K
+    from ..serving.cli import add_engine_option, engine_overrides
 
     p = argparse.ArgumentParser(
         prog="megacontext bench memory",
@@ -455,6 +463,7 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: automatic)")
     p.add_argument("--out", default="memory-bench", help="folder for rows, JSON and PNG")
     p.add_argument("--resume", action="store_true", help="keep the replies already in --out")
+    add_engine_option(p)
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
     if args.quick:
@@ -477,6 +486,7 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
             args.seed,
             args.resume,
             args.device,
+            engine_overrides(args.engine_option),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
