@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY="$PWD/.venv/bin/python"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-$PY -m pytest -q tests
+$PY -m pytest -q --durations=20 tests
 for project in $(find integrations -name pyproject.toml -not -path "*/.venv/*" | sort); do
   dir=$(dirname "$project")
   if [ -d "$dir/tests" ]; then
