@@ -88,6 +88,12 @@ def test_tuning_on_test_is_refused(capsys):
     assert "dev" in capsys.readouterr().err
 
 
+def test_task_counts_are_one_for_all_sizes_or_one_per_size(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "memory", "--sizes", "2000", "8000", "--tasks", "4", "2", "1"])
+    assert "one per size (2), not 3" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "bench"

@@ -439,7 +439,12 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="2k and 8k tokens, 3 and 2 tasks")
     p.add_argument("--sizes", type=int, nargs="+", help=f"history lengths (default {SIZES})")
-    p.add_argument("--tasks", type=int, help=f"tasks per size (default {TASKS_PER_SIZE})")
+    p.add_argument(
+        "--tasks",
+        type=int,
+        nargs="+",
+        help=f"tasks per size: one count for every size, or one per size (default {TASKS_PER_SIZE})",
+    )
     p.add_argument("--split", choices=BENCH_SPLITS, default="test")
     p.add_argument(
         "--systems",
@@ -463,12 +468,14 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
     add_engine_option(p)
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
-    if args.quick:
-        sizes = args.sizes or list(QUICK)
-        per_size = {s: args.tasks or QUICK.get(s, 2) for s in sizes}
-    else:
-        sizes = args.sizes or list(SIZES)
-        per_size = dict.fromkeys(sizes, args.tasks or TASKS_PER_SIZE)
+    sizes = args.sizes or list(QUICK if args.quick else SIZES)
+    default = [QUICK.get(s, 2) if args.quick else TASKS_PER_SIZE for s in sizes]
+    counts = args.tasks or default
+    if len(counts) == 1:
+        counts = counts * len(sizes)
+    if len(counts) != len(sizes):
+        p.error(f"--tasks: give one count, or one per size ({len(sizes)}), not {len(counts)}")
+    per_size = dict(zip(sizes, counts, strict=True))
     grid = list(product(_grid(args.chunk_tokens, CHUNK_TOKENS), _grid(args.k, TOP_K)))
     try:
         result = run(
