@@ -106,7 +106,7 @@ def test_quick_end_to_end(tmp_path, capsys):
     for cells in systems.values():
         for size in ("2000", "8000"):
             c = cells[size]
-            assert c["n"] >= 2 and 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
+            assert c["n"] >= 1 and 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
             assert c["positions_used"] <= 1024 or cells is systems["full"]
     assert systems["rag"]["2000"]["ingest_tokens_per_s"] > 0
     assert systems["megacontext"]["8000"]["ingest_tokens_per_s"] > 0
