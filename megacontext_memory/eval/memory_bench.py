@@ -96,11 +96,8 @@ class Bench:
         if "megacontext" in systems:
             for name, scorer in self._megacontext_names(scorers).items():
                 store = scratch / f"engine-{scorer}"
-                self.engines[name] = MegaContextEngine(
-                    store=store,
-                    **{**(engine_options or {}), "working_budget": budget, "device": device},
-                    scorer=scorer,
-                )
+                options = {**(engine_options or {}), "working_budget": budget, "scorer": scorer}
+                self.engines[name] = MegaContextEngine(store=store, device=device, **options)
         engine = next(iter(self.engines.values()), None)
         engine = engine or MegaContextEngine(store=scratch / "reader", working_budget=budget)
         self.base = engine.base
