@@ -39,7 +39,7 @@ def test_incremental_presence_equals_a_fresh_scan():
 
 
 def test_a_token_common_at_a_span_width_is_no_evidence_for_spans_that_wide():
-    """A token in 3% of blocks is in most 1,024-token spans: it still marks a raw block as
+    """The span rule (LensNet's lexical feature): a token in 3% of blocks is in most 1,024-token spans: it still marks a raw block as
     relevant, but not an L2 gist; a token in one block marks the L2 gist holding it."""
     from megacontext_memory.focus.working_context import Entry
 
@@ -53,10 +53,30 @@ def test_a_token_common_at_a_span_width_is_no_evidence_for_spans_that_wide():
     gists = [Entry.node(2, i, tree.n_tokens) for i in range(n_blocks // k - 1)]
     raw = [Entry.node(0, b, tree.n_tokens) for b in range(n_blocks - k, n_blocks)]
     wc = WorkingContext(gists + raw)
-    scorer = HeuristicScorer(neighbour_share=0.0)
+    scorer = HeuristicScorer(neighbour_share=0.0, window_blocks=0)  # the span rule
     only_common = scorer.relevance(wc, tree, [common])
     assert not only_common[: len(gists)].any()  # every L2 span holds it by chance
     block_with_common = len(gists) + [e.start // k % 33 for e in raw].index(0)
     assert only_common[block_with_common] > 0
     both = scorer.relevance(wc, tree, [common, rare])
     assert both[1] > 0 and np.count_nonzero(both[: len(gists)]) == 1
+
+
+def test_an_entry_scores_as_its_best_window_so_wide_gists_lead_to_the_note():
+    """Query tokens written together (here across a block edge) make the 32k-token gist
+    holding them the most relevant entry; the same tokens scattered over another gist
+    count for one token's share. The span rule cannot tell these two gists apart."""
+    from megacontext_memory.focus.working_context import Entry
+
+    k, n_blocks = 32, 4 * 1024
+    tokens = np.random.default_rng(2).integers(100, 5000, n_blocks * k)
+    query = [1, 2, 3]
+    tokens[[100 * k, 400 * k + 7, 800 * k + 20]] = query  # scattered in L3 node 0
+    tokens[[1500 * k + 31, 1501 * k, 1501 * k + 1]] = query  # together in L3 node 1
+    tree = TokenTree(tokens)
+    tree.n_tokens = len(tokens)
+    wc = WorkingContext([Entry.node(3, i, tree.n_tokens) for i in range(4)])
+    rel = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, query)
+    assert rel[1] == 1.0 and rel[0] == 1 / 3 and not rel[2:].any()
+    span = HeuristicScorer(neighbour_share=0.0, window_blocks=0).relevance(wc, tree, query)
+    assert span[0] == span[1]

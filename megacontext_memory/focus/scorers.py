@@ -1,15 +1,17 @@
 """Scorers: one signed score per working-context entry (> 0: more detail, < 0: less).
 
 `LensScorer` runs the trained LensNet. `HeuristicScorer` is the hand-made one it is
-measured against (`megacontext eval-focus`), kept as an ablation:
-lexical relevance of each entry's span to the newest query (rare query tokens weigh more,
-IDF over the session's blocks) plus a recency bonus.
+measured against (`megacontext eval-focus`): lexical relevance of each entry to the newest
+query (rare query tokens weigh more, IDF over the session's blocks) plus a recency bonus.
 
-A wide span holds many tokens by chance: a token found in 2% of blocks is in half of all
-1,024-token spans, so finding it there says nothing. A query token is evidence for an
-entry only while a span of that entry's width would hold it by chance at most
-`max_span_chance` of the time. Without this rule, a vague question over a long history
-finds "relevant" tokens in every wide gist and fills the budget with gists of gists.
+Relevance is read where a fact is written: in a window of `window_blocks` consecutive
+blocks (64 tokens). An entry's relevance is that of the best window starting inside it,
+so a 32k-token gist scores as high as the note it holds, and the focus can descend to the
+note level by level. Counting query tokens anywhere in a wide span instead says nothing
+(a token found in 2% of blocks is in half of all 1,024-token spans); that rule
+(`window_blocks=0`: a token is evidence only for spans narrow enough not to hold it by
+chance, `max_span_chance`) left gists wider than a few thousand tokens unscored, and the
+note they hid out of reach. It stays as the `lexical` feature LensNet was trained with.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ class HeuristicScorer:
         max_doc_freq: float = 0.05,
         max_span_chance: float = 0.5,
         neighbour_share: float = 0.6,
+        window_blocks: int = 2,
     ):
+        self.window_blocks = window_blocks  # 0: the span rule (see the module docstring)
         self.neighbour_share = neighbour_share
         self.recency_scale, self.relevance_weight, self.bias = recency_scale, relevance_weight, bias
         self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
@@ -81,16 +85,26 @@ class HeuristicScorer:
         return result
 
     def relevance(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
-        """IDF-weighted share of the query's informative tokens found in each entry's span."""
+        """IDF-weighted share of the query's informative tokens found in each entry: in its
+        best window of `window_blocks` blocks, or (0) anywhere in its span."""
         prefix, weight, share = self._presence(tree, query)
         if weight.sum() <= 0:
             return np.zeros(len(wc.entries))
         b0 = np.array([e.start // K for e in wc.entries])
-        b1 = np.array([-(-e.end // K) for e in wc.entries])
-        found = (prefix[:, b1] - prefix[:, b0]) > 0  # [terms, entries]
-        by_chance = 1.0 - (1.0 - share[:, None]) ** (b1 - b0)[None, :]
-        found &= by_chance <= self.max_span_chance
-        rel = (weight[:, None] * found).sum(0) / weight.sum()
+        if self.window_blocks:
+            nb = prefix.shape[1] - 1
+            starts = np.arange(nb)
+            ends = np.minimum(starts + self.window_blocks, nb)
+            found = (prefix[:, ends] - prefix[:, starts]) > 0  # [terms, windows]
+            window = (weight[:, None] * found).sum(0) / weight.sum()
+            # entries tile the history in order: the best window of each is a segment max
+            rel = np.maximum.reduceat(window, np.minimum(b0, nb - 1))
+        else:
+            b1 = np.array([-(-e.end // K) for e in wc.entries])
+            found = (prefix[:, b1] - prefix[:, b0]) > 0  # [terms, entries]
+            by_chance = 1.0 - (1.0 - share[:, None]) ** (b1 - b0)[None, :]
+            found &= by_chance <= self.max_span_chance
+            rel = (weight[:, None] * found).sum(0) / weight.sum()
         # Facts straddle block edges: a relevant entry lends part of its relevance to its
         # neighbours, so the blocks around a hit come into focus too.
         spill = np.zeros_like(rel)
@@ -112,7 +126,7 @@ class LensScorer:
 
     def __init__(self, net, base):
         self.net, self.base = net.eval(), base
-        self.lexical = HeuristicScorer()
+        self.lexical = HeuristicScorer(window_blocks=0)  # the feature it was trained with
 
     @torch.no_grad()
     def inputs(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> dict:
