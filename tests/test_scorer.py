@@ -4,6 +4,7 @@ scorer's bookkeeping; the real tree is exercised in test_engine.py)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from megacontext_memory.focus import WorkingContext
 from megacontext_memory.focus.scorers import HeuristicScorer
@@ -39,8 +40,9 @@ def test_incremental_presence_equals_a_fresh_scan():
 
 
 def test_a_token_common_at_a_span_width_is_no_evidence_for_spans_that_wide():
-    """The span rule (LensNet's lexical feature): a token in 3% of blocks is in most 1,024-token spans: it still marks a raw block as
-    relevant, but not an L2 gist; a token in one block marks the L2 gist holding it."""
+    """The span rule (LensNet's lexical feature): a token in 3% of blocks is in most
+    1,024-token spans: it still marks a raw block as relevant, but not an L2 gist; a token
+    in one block marks the L2 gist holding it."""
     from megacontext_memory.focus.working_context import Entry
 
     k, n_blocks = 32, 2048
@@ -77,6 +79,7 @@ def test_an_entry_scores_as_its_best_window_so_wide_gists_lead_to_the_note():
     tree.n_tokens = len(tokens)
     wc = WorkingContext([Entry.node(3, i, tree.n_tokens) for i in range(4)])
     rel = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, query)
-    assert rel[1] == 1.0 and rel[0] == 1 / 3 and not rel[2:].any()
+    assert rel[1] == pytest.approx(1.0) and rel[0] == pytest.approx(1 / 3)
+    assert not rel[2:].any()
     span = HeuristicScorer(neighbour_share=0.0, window_blocks=0).relevance(wc, tree, query)
     assert span[0] == span[1]
