@@ -89,7 +89,7 @@ def test_eval_focus_reports_every_scorer():
 
     if not LENS_SHIPPED.with_suffix(".safetensors").exists():
         pytest.skip("no shipped LensNet")
-    result = run([2000], 1, "dev", 0, {"working_budget": 512, "gist_refine_steps": 0})
+    result = run([2000], {2000: 1}, "dev", 0, {"working_budget": 512, "gist_refine_steps": 0})
     assert set(result["summary"]) == set(SCORERS)
     for by_size in result["summary"].values():
         m = by_size["2000"]

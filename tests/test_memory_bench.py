@@ -92,6 +92,9 @@ def test_task_counts_are_one_for_all_sizes_or_one_per_size(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "memory", "--sizes", "2000", "8000", "--tasks", "4", "2", "1"])
     assert "one per size (2), not 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval-focus", "--sizes", "2000", "8000", "128000", "--tasks", "4", "2"])
+    assert "one per size (3), not 2" in capsys.readouterr().err
 
 
 @pytest.mark.slow

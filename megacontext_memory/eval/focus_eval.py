@@ -9,7 +9,7 @@ recency-only, random):
 - fact raw: after the refocus rounds a reply would run, every token of the note is raw;
 - used: positions in use after those rounds, over the positions a reply leaves.
 
-    megacontext eval-focus --sizes 2000 8000 --tasks 24 --json
+    megacontext eval-focus --sizes 2000 8000 128000 --tasks 24 24 6 --json
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def refocused(engine, scorer, wc: WorkingContext, tree, query: list[int], budget
     return wc
 
 
-def run(sizes: list[int], n: int, split: str, seed: int, options: dict) -> dict:
+def run(sizes: list[int], tasks: dict[int, int], split: str, seed: int, options: dict) -> dict:
     from ..baselines import SYSTEM_PROMPT
     from ..engine import MegaContextEngine
     from .tasks import TaskGenerator, reader_counter
@@ -79,7 +79,7 @@ def run(sizes: list[int], n: int, split: str, seed: int, options: dict) -> dict:
     budget = engine.config.working_budget - MAX_NEW_TOKENS - prompt
     rows = []
     for size in sizes:
-        for i in tqdm(range(n), desc=f"eval-focus {size}", unit="task"):
+        for i in tqdm(range(tasks[size]), desc=f"eval-focus {size}", unit="task"):
             task = gen.task(size, i)
             s = engine.session(task.id)
             s.extend([("system", SYSTEM_PROMPT), *task.messages])
@@ -117,7 +117,7 @@ def run(sizes: list[int], n: int, split: str, seed: int, options: dict) -> dict:
     return {
         "split": split,
         "sizes": sizes,
-        "tasks": n,
+        "tasks": {str(s): tasks[s] for s in sizes},
         "config": engine.config.to_dict(),
         "summary": summarize(rows, sizes),
         "rows": rows,
@@ -167,6 +167,7 @@ def table(result: dict) -> str:
 
 def eval_focus_main(argv: list[str] | None = None) -> int:
     from ..serving.cli import add_engine_option, engine_overrides
+    from .tasks import task_counts
 
     p = argparse.ArgumentParser(
         prog="megacontext eval-focus",
@@ -174,7 +175,13 @@ def eval_focus_main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000])
-    p.add_argument("--tasks", type=int, default=24, help="tasks per size")
+    p.add_argument(
+        "--tasks",
+        type=int,
+        nargs="+",
+        default=[24],
+        help="tasks per size: one count for every size, or one per size",
+    )
     p.add_argument("--split", default="test", choices=("dev", "test"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=int, default=1024)
@@ -182,8 +189,12 @@ def eval_focus_main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--out", default=None, help="also write the JSON result here")
     args = p.parse_args(argv)
+    try:
+        tasks = task_counts(args.sizes, args.tasks)
+    except ValueError as e:
+        p.error(f"--tasks: {e}")
     options = {"working_budget": args.budget, **engine_overrides(args.engine_option)}
-    result = run(args.sizes, args.tasks, args.split, args.seed, options)
+    result = run(args.sizes, tasks, args.split, args.seed, options)
     result["command"] = ["megacontext", "eval-focus", *(argv or [])]
     text = json.dumps(result, indent=2)
     if args.out:

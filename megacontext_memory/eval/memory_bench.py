@@ -36,7 +36,15 @@ from pathlib import Path
 
 from ..baselines import SYSTEM_PROMPT, newest_that_fit, prompt_ids, read
 from ..config import SCORERS, Config
-from .tasks import BENCH_SPLITS, SIZES, Task, TaskGenerator, mentions, reader_counter
+from .tasks import (
+    BENCH_SPLITS,
+    SIZES,
+    Task,
+    TaskGenerator,
+    mentions,
+    reader_counter,
+    task_counts,
+)
 
 QUICK = {2000: 2, 8000: 1}  # tasks per size with --quick: a smoke run of every system, < 5 min
 TASKS_PER_SIZE = 24
@@ -467,12 +475,10 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = args.sizes or list(QUICK if args.quick else SIZES)
     default = [QUICK.get(s, 1) if args.quick else TASKS_PER_SIZE for s in sizes]
-    counts = args.tasks or default
-    if len(counts) == 1:
-        counts = counts * len(sizes)
-    if len(counts) != len(sizes):
-        p.error(f"--tasks: give one count, or one per size ({len(sizes)}), not {len(counts)}")
-    per_size = dict(zip(sizes, counts, strict=True))
+    try:
+        per_size = task_counts(sizes, args.tasks or default)
+    except ValueError as e:
+        p.error(f"--tasks: {e}")
     grid = list(product(_grid(args.chunk_tokens, CHUNK_TOKENS), _grid(args.k, TOP_K)))
     try:
         result = run(

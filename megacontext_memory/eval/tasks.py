@@ -40,6 +40,15 @@ FACT_SPAN = (0.05, 0.85)  # where in the history (fraction of its tokens) the fa
 Counter = Callable[[str, str], int]  # (role, text) -> tokens the message takes in the history
 
 
+def task_counts(sizes: list[int], counts: list[int]) -> dict[int, int]:
+    """`--tasks` of the benchmark commands: one count for every size, or one per size."""
+    if len(counts) == 1:
+        counts = counts * len(sizes)
+    if len(counts) != len(sizes):
+        raise ValueError(f"give one count, or one per size ({len(sizes)}), not {len(counts)}")
+    return dict(zip(sizes, counts, strict=True))
+
+
 def bench_split(kind: str, key: str) -> str:
     """'dev' or 'test' for a filler document, name or value: a fixed hash, never a draw."""
     h = int(hashlib.sha1(f"memory-bench\x00{kind}\x00{key}".encode()).hexdigest()[:8], 16)
