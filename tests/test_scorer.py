@@ -83,3 +83,34 @@ def test_an_entry_scores_as_its_best_window_so_wide_gists_lead_to_the_note():
     assert not rel[2:].any()
     span = HeuristicScorer(neighbour_share=0.0, window_blocks=0).relevance(wc, tree, query)
     assert span[0] == span[1]
+
+
+def test_a_note_that_lacks_the_asked_name_is_a_look_alike_and_scores_below_filler():
+    """Three notes share a template; the question names one (token 1). The siblings hold
+    the template tokens but another name: the answer note ranks first and the siblings
+    below unrelated filler, so the focus keeps them as gists. A window that shares one
+    word of the question is no look-alike, nor is the tail of the answer note itself (its
+    window overlaps the note's), nor does the question (the newest tokens) make every
+    note a look-alike."""
+    from megacontext_memory.focus.working_context import Entry
+
+    k, n_blocks = 32, 512
+    tokens = np.random.default_rng(3).integers(100, 5000, n_blocks * k)
+    name, other, template = 1, 2, [3, 4, 5]
+    tokens[100 * k + 30 : 100 * k + 34] = template + [name]  # straddles blocks 100 and 101
+    tokens[102 * k + 10] = name  # the note goes on: block 102's windows hold only the name
+    tokens[200 * k + 3 : 200 * k + 7] = template + [other]  # a sibling
+    tokens[300 * k + 3 : 300 * k + 7] = template + [other + 1]  # another
+    tokens[400 * k + 5] = template[0]  # filler sharing one word of the question
+    question = template + [name]
+    tokens[-k : -k + 4] = question
+    tree = TokenTree(tokens)
+    tree.n_tokens = len(tokens)
+    wc = WorkingContext([Entry.node(0, b, tree.n_tokens) for b in range(n_blocks)])
+    rel = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, question)
+    assert rel[100] == pytest.approx(1.0) and rel[101] > 0 and rel[102] > 0
+    assert rel[200] < 0 and rel[300] < 0 and rel[199] < 0  # (199's window reaches 200)
+    assert rel[400] > 0 and rel[50] == 0
+    assert rel.argmax() in (100, n_blocks - 2, n_blocks - 1)
+    plain = HeuristicScorer(neighbour_share=0.0, lookalike_share=1.0).relevance(wc, tree, question)
+    assert plain[200] > 0 and plain[300] > 0  # without the rule, siblings are relevant

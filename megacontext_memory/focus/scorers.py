@@ -12,6 +12,13 @@ note level by level. Counting query tokens anywhere in a wide span instead says 
 (`window_blocks=0`: a token is evidence only for spans narrow enough not to hold it by
 chance, `max_span_chance`) left gists wider than a few thousand tokens unscored, and the
 note they hid out of reach. It stays as the `lexical` feature LensNet was trained with.
+
+Relevance is signed. Notes often share one template and differ in a name ("the deadline
+for the Marwick project is ...", "... the Harwick project ..."); a small reader shown them
+all picks the wrong one about as often as the right one. A window whose query tokens are
+a subset of another window's (a sibling lacks the asked name, a superseded note the words
+of its update) is a look-alike: its relevance turns negative, and the focus spends the
+budget on anything else first, so look-alikes stay gists.
 """
 
 from __future__ import annotations
@@ -43,8 +50,10 @@ class HeuristicScorer:
         max_span_chance: float = 0.5,
         neighbour_share: float = 0.6,
         window_blocks: int = 2,
+        lookalike_share: float = 0.5,
     ):
         self.window_blocks = window_blocks  # 0: the span rule (see the module docstring)
+        self.lookalike_share = lookalike_share  # 1.0: no window is a look-alike
         self.neighbour_share = neighbour_share
         self.recency_scale, self.relevance_weight, self.bias = recency_scale, relevance_weight, bias
         self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
@@ -97,8 +106,15 @@ class HeuristicScorer:
             ends = np.minimum(starts + self.window_blocks, nb)
             found = (prefix[:, ends] - prefix[:, starts]) > 0  # [terms, windows]
             window = (weight[:, None] * found).sum(0) / weight.sum()
-            # entries tile the history in order: the best window of each is a segment max
-            rel = np.maximum.reduceat(window, np.minimum(b0, nb - 1))
+            # the question itself (the newest tokens) holds every query token: it is no rival
+            asked = max(0, (tree.n_tokens - len(query) - K) // K - self.window_blocks + 1)
+            window[self._lookalikes(found, weight, window, asked)] *= -1.0
+            # Entries tile the history in order: each takes its strongest window (a segment
+            # max), signed: a look-alike only where no better match shares the entry.
+            at = np.minimum(b0, nb - 1)
+            best = np.maximum.reduceat(np.maximum(window, 0.0), at)
+            worst = np.maximum.reduceat(np.maximum(-window, 0.0), at)
+            rel = np.where(best >= worst, best, -worst)
         else:
             b1 = np.array([-(-e.end // K) for e in wc.entries])
             found = (prefix[:, b1] - prefix[:, b0]) > 0  # [terms, entries]
@@ -106,11 +122,43 @@ class HeuristicScorer:
             found &= by_chance <= self.max_span_chance
             rel = (weight[:, None] * found).sum(0) / weight.sum()
         # Facts straddle block edges: a relevant entry lends part of its relevance to its
-        # neighbours, so the blocks around a hit come into focus too.
+        # neighbours, so the blocks around a hit come into focus too (look-alikes stay out).
         spill = np.zeros_like(rel)
         spill[1:] = np.maximum(spill[1:], rel[:-1])
         spill[:-1] = np.maximum(spill[:-1], rel[1:])
-        return np.maximum(rel, self.neighbour_share * spill)
+        return np.where(rel < 0, rel, np.maximum(rel, self.neighbour_share * spill))
+
+    def _lookalikes(
+        self, found: np.ndarray, weight: np.ndarray, window: np.ndarray, asked: int
+    ) -> np.ndarray:
+        """Windows that look like the answer but are not: each holds at least
+        `lookalike_share` of the query weight of a window elsewhere (not overlapping it)
+        that holds every query token this one holds and more, and starts before the
+        window `asked`, where the question itself begins.
+
+        Several notes often share one template ("the deadline for the Marwick project is
+        ...") and differ in a name; the question names one. The notes that miss its name
+        are the ones a small reader confuses with the answer, so they stay gists. A window
+        that merely shares a few of the question's words is no look-alike.
+        """
+        out = np.zeros(len(window), bool)
+        if self.lookalike_share >= 1.0:
+            return out
+        cand = np.flatnonzero(window > 0)
+        cand = cand[np.argsort(-window[cand], kind="stable")[:512]]  # the strongest matches
+        if len(cand) < 2:
+            return out
+        has = found[:, cand].T.astype(np.float32)  # [cand, terms]
+        wmask = (weight > 0).astype(np.float32)
+        # missing[w, v]: informative terms window w holds and window v lacks
+        missing = (has * wmask) @ (1.0 - has).T
+        strict = window[cand][None, :] > window[cand][:, None]  # v holds more weight than w
+        near = np.abs(cand[:, None] - cand[None, :]) < self.window_blocks  # overlapping
+        close = window[cand][:, None] >= self.lookalike_share * window[cand][None, :]
+        before = cand[None, :] < asked  # windows from `asked` on hold the question
+        dominated = (missing == 0) & strict & ~near & close & before
+        out[cand[dominated.any(1)]] = True
+        return out
 
     def score(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
         ends = np.array([e.end for e in wc.entries], np.float64)
