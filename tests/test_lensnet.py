@@ -94,4 +94,5 @@ def test_eval_focus_reports_every_scorer():
     for by_size in result["summary"].values():
         m = by_size["2000"]
         assert m["tasks"] == 1 and 0 <= m["hit@1"] <= m["hit@4"] <= 1 and 0 < m["used"] <= 1
+        assert 0 <= m["lookalikes_raw"] <= 1
     assert "lensnet" in table(result)

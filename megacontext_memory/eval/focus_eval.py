@@ -7,6 +7,8 @@ recency-only, random):
 - hit@1 / hit@4: an entry holding the answering note is among the 1 / 4 best-scored
   gists (the expansion candidates); a note already raw counts as found;
 - fact raw: after the refocus rounds a reply would run, every token of the note is raw;
+- look-alikes raw: the share of the sibling notes (same template, another name) shown raw
+  after those rounds: each is one more candidate for the reader to confuse;
 - used: positions in use after those rounds, over the positions a reply leaves.
 
     megacontext eval-focus --sizes 2000 8000 128000 --tasks 24 24 6 --json
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -107,6 +110,7 @@ def run(sizes: list[int], tasks: dict[int, int], split: str, seed: int, options:
                         "hit@1": hits(scores, levels, answer, 1),
                         "hit@4": hits(scores, levels, answer, 4),
                         "fact_raw": raw,
+                        "lookalikes_raw": _lookalikes_raw(s, task, lv),
                         "used": len(after) / budget,
                         "score_ms": round(score_ms, 2),
                         "answer_span": span,
@@ -134,6 +138,17 @@ def _note_raw(session, task, level_map: np.ndarray) -> bool:
     return False
 
 
+def _lookalikes_raw(session, task, level_map: np.ndarray) -> float:
+    """Share of the fact notes that do not name the asked entity shown wholly raw."""
+    name = re.compile(rf"\b{re.escape(task.entity)}\b")
+    shown = [
+        bool((level_map[m.token_start : m.token_end] == 0).all())
+        for m in (session.messages()[i + 1] for i in task.fact_indices)
+        if not name.search(m.content)
+    ]
+    return float(np.mean(shown)) if shown else 0.0
+
+
 def summarize(rows: list[dict], sizes: list[int]) -> dict:
     out: dict = {}
     for name in SCORERS:
@@ -146,6 +161,7 @@ def summarize(rows: list[dict], sizes: list[int]) -> dict:
                 "hit@1": round(float(np.mean([r["hit@1"] for r in sel])), 3),
                 "hit@4": round(float(np.mean([r["hit@4"] for r in sel])), 3),
                 "fact_raw": round(float(np.mean([r["fact_raw"] for r in sel])), 3),
+                "lookalikes_raw": round(float(np.mean([r["lookalikes_raw"] for r in sel])), 3),
                 "used": round(float(np.mean([r["used"] for r in sel])), 3),
                 "score_ms": round(float(np.median([r["score_ms"] for r in sel])), 2),
             }
@@ -154,13 +170,15 @@ def summarize(rows: list[dict], sizes: list[int]) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        f"{'scorer':<10} {'size':>6} {'tasks':>5} {'hit@1':>6} {'hit@4':>6} {'fact raw':>8} {'used':>5} {'score ms':>8}"
+        f"{'scorer':<10} {'size':>6} {'tasks':>5} {'hit@1':>6} {'hit@4':>6} {'fact raw':>8} "
+        f"{'look-alikes raw':>15} {'used':>5} {'score ms':>8}"
     ]
     for name, by_size in result["summary"].items():
         for size, m in by_size.items():
             lines.append(
                 f"{name:<10} {size:>6} {m['tasks']:>5} {m['hit@1']:>6.2f} {m['hit@4']:>6.2f} "
-                f"{m['fact_raw']:>8.2f} {m['used']:>5.2f} {m['score_ms']:>8.1f}"
+                f"{m['fact_raw']:>8.2f} {m['lookalikes_raw']:>15.2f} {m['used']:>5.2f} "
+                f"{m['score_ms']:>8.1f}"
             )
     return "\n".join(lines)
 
