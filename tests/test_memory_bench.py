@@ -99,11 +99,18 @@ def test_task_counts_are_one_for_all_sizes_or_one_per_size(capsys):
 
 @pytest.mark.slow
 def test_quick_end_to_end(tmp_path, capsys):
+    # The --quick sizes with one task each, and GistNet's gists as they are: the plumbing of
+    # every system is under test here, not the gists' quality (the in-context refinement
+    # has its own tests in test_engine.py and test_write_path.py).
     out = tmp_path / "bench"
-    assert main(["bench", "memory", "--quick", "--json", "--out", str(out)]) == 0
+    argv = ["bench", "memory", "--quick", "--tasks", "1", "--json", "--out", str(out)]
+    assert main([*argv, "--engine-option", "gist_refine_steps=0"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"reader", "working_budget", "split", "commit"} <= set(result)
     assert result["working_budget"] == 1024 and result["split"] == "test"
+    assert result["tasks_per_size"] == {"2000": 1, "8000": 1}
+    options = result["settings"]["megacontext"]["engine_options"]
+    assert options == {"gist_refine_steps": 0}
     systems = result["systems"]
     assert {"oracle", "full", "truncation", "rag", "megacontext"} <= set(systems)
     for cells in systems.values():
