@@ -10,6 +10,9 @@ from langchain_core.tools import tool
 from langchain_megacontext import ChatMegaContext, MegaContextChatMessageHistory
 
 BUDGET = 512
+# the 50-turn tests are about routing and bounded prefill, not gist quality: GistNet's
+# gists as they are (no in-context refinement) keep their ~40 gistings cheap
+FAST = {"gist_refine_steps": 0}
 
 
 def _llm(store, **kw) -> ChatMegaContext:
@@ -74,7 +77,7 @@ def test_explicit_session_id_takes_new_turns_only(tmp_path):
 
 @pytest.mark.slow
 def test_runnable_with_message_history_50_turns(tmp_path):
-    llm = _llm(tmp_path)
+    llm = _llm(tmp_path, engine_kwargs=FAST)
     prompt = ChatPromptTemplate.from_messages(
         [
             ("system", "You are a helpful assistant."),
@@ -84,7 +87,9 @@ def test_runnable_with_message_history_50_turns(tmp_path):
     )
     chain = RunnableWithMessageHistory(
         prompt | llm,
-        lambda sid: MegaContextChatMessageHistory(sid, store=str(tmp_path), working_budget=BUDGET),
+        lambda sid: MegaContextChatMessageHistory(
+            sid, store=str(tmp_path), working_budget=BUDGET, **FAST
+        ),
         input_messages_key="question",
         history_messages_key="history",
     )
@@ -98,7 +103,9 @@ def test_runnable_with_message_history_50_turns(tmp_path):
     assert counts == {"system": 1, "user": 50, "assistant": 50}
     users = [m.content for m in log if m.role == "user"]
     assert users == [f"Note {i}: my number is {i * 7}." for i in range(50)]
-    history = MegaContextChatMessageHistory("user-42", store=str(tmp_path), working_budget=BUDGET)
+    history = MegaContextChatMessageHistory(
+        "user-42", store=str(tmp_path), working_budget=BUDGET, **FAST
+    )
     assert len(history.messages) == 100  # the prompt's system message is not history
     _check_bounded(llm, "user-42", 50)
 
@@ -116,7 +123,7 @@ def test_create_agent_with_checkpointer_50_turns(tmp_path):
 
     # tools are bound (and described to the model) but never opened here, to keep 50 turns
     # cheap; test_create_agent_calls_its_tool covers the tool round trip
-    llm = _llm(tmp_path, tool_call_threshold=1.0)
+    llm = _llm(tmp_path, tool_call_threshold=1.0, engine_kwargs=FAST)
     agent = create_agent(
         llm, tools=[lookup], system_prompt="You are an agent.", checkpointer=InMemorySaver()
     )
