@@ -122,9 +122,9 @@ def test_half_precision_model(engine_factory):
     assert next(e.base.model.parameters()).dtype.is_floating_point
     assert str(next(e.base.model.parameters()).dtype) == "torch.bfloat16"
     s = e.session("half")
-    s.extend(conversation(e.base, 420))  # ~13 blocks: the refinement runs in bfloat16 too
+    s.extend(conversation(e.base, 210))  # ~8 blocks: the refinement runs in bfloat16 too
     s.append("user", "Say hello.")
     assert s.generate(max_new_tokens=4).strip()
     g = s.tree.gist_vectors(1, list(range(s.tree.count(1))))
-    assert len(g) >= 10 and np.isfinite(g).all()
+    assert len(g) >= 6 and np.isfinite(g).all()
     assert Store(e.store.path).open_session("half").counts()[1] == len(g)
