@@ -266,9 +266,9 @@ def test_native_endpoints(server):
 
 
 def test_concurrent_clients_stay_isolated_and_survive_sigkill(tmp_path):
-    """8 clients x 20 turns at once, all opening alike; then SIGKILL and a restart."""
+    """8 clients x 10 turns at once, all opening alike; then SIGKILL and a restart."""
     server = Server(tmp_path / "store").start()
-    n_clients, n_turns = 8, 20
+    n_clients, n_turns = 8, 10
     errors: list[BaseException] = []
 
     def client(k: int) -> None:
