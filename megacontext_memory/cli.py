@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 # Commands implemented next to the code they drive: name -> (module, function, help).
 DELEGATED = {
     "train-gist": ("training.gist_train", "train_gist_main", "train GistNet (L1, then L2)"),
@@ -158,6 +160,20 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def gist_spread(tree, level: int) -> dict:
+    """How alike a session's gists of one level are: their mean norm and mean cosine to
+    their mean. Near-identical gists (cosine near 1) tell the reader little apart, and a
+    run of them in the working context invites a small reader to repeat itself."""
+    v = tree.gist_vectors(level, list(range(tree.count(level))))
+    mean = v.mean(0)
+    cos = v @ mean / (np.linalg.norm(v, axis=1) * np.linalg.norm(mean) + 1e-12)
+    return {
+        "gists": len(v),
+        "norm": round(float(np.linalg.norm(v, axis=1).mean()), 3),
+        "cos_to_mean": round(float(cos.mean()), 3),
+    }
+
+
 def cmd_inspect(args) -> int:
     """Text and PNG of a session's working context by level over its history."""
     from .plots import focus_map
@@ -178,6 +194,10 @@ def cmd_inspect(args) -> int:
         "positions_used": len(wc),
         "budget": engine.config.working_budget,
         "positions_per_level": {f"L{k}": v for k, v in wc.per_level().items()},
+        "gist_spread": {
+            f"L{level}": gist_spread(session.tree, level)
+            for level in range(1, session.tree.top_level + 1)
+        },
     }
     print(json.dumps(info, indent=2))
     png = focus_map(
