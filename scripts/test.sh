@@ -12,11 +12,11 @@ PY="$PWD/.venv/bin/python"
 export OMP_NUM_THREADS=1
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-$PY -m pytest -q -n auto --dist loadfile --durations=20 tests
+$PY -m pytest -q -n auto --dist worksteal --durations=20 tests
 for project in $(find integrations -name pyproject.toml -not -path "*/.venv/*" | sort); do
   dir=$(dirname "$project")
   if [ -d "$dir/tests" ]; then
     echo "== $dir"
-    (cd "$dir" && $PY -m pytest -q -n auto --dist loadfile tests)
+    (cd "$dir" && $PY -m pytest -q -n auto --dist worksteal tests)
   fi
 done
