@@ -113,6 +113,7 @@ def cmd_demo(args) -> int:
         ),
         "focus_map": str(png),
         "store": str(args.store),
+        "session": session.id,
     }
     print(json.dumps(result, indent=2))
     return 0
@@ -160,15 +161,19 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def gist_spread(tree, level: int) -> dict:
-    """How alike a session's gists of one level are: their mean norm and mean cosine to
-    their mean. Near-identical gists (cosine near 1) tell the reader little apart, and a
-    run of them in the working context invites a small reader to repeat itself."""
-    v = tree.gist_vectors(level, list(range(tree.count(level))))
+def gist_spread(tree, level: int, base) -> dict:
+    """How alike a session's gists of one level are (level 0: its tokens' embeddings, for
+    comparison): their mean norm and mean cosine to their mean. Near-identical gists
+    (cosine near 1) tell the reader little apart, and a run of them in the working context
+    invites a small reader to repeat itself."""
+    if level == 0:
+        v = base.embed(tree.tokens()).float().cpu().numpy()
+    else:
+        v = tree.gist_vectors(level, list(range(tree.count(level))))
     mean = v.mean(0)
     cos = v @ mean / (np.linalg.norm(v, axis=1) * np.linalg.norm(mean) + 1e-12)
     return {
-        "gists": len(v),
+        "count": len(v),
         "norm": round(float(np.linalg.norm(v, axis=1).mean()), 3),
         "cos_to_mean": round(float(cos.mean()), 3),
     }
@@ -195,8 +200,8 @@ def cmd_inspect(args) -> int:
         "budget": engine.config.working_budget,
         "positions_per_level": {f"L{k}": v for k, v in wc.per_level().items()},
         "gist_spread": {
-            f"L{level}": gist_spread(session.tree, level)
-            for level in range(1, session.tree.top_level + 1)
+            f"L{level}": gist_spread(session.tree, level, engine.base)
+            for level in range(session.tree.top_level + 1)
         },
     }
     print(json.dumps(info, indent=2))

@@ -33,8 +33,10 @@ def test_inspect_prints_levels_and_writes_png(engine_factory, tmp_path, capsys):
     info = json.loads(out[: out.rindex("}") + 1])
     assert rc == 0 and info["history_tokens"] == s.token_count()
     assert info["positions_used"] <= 256 and "L1" in info["positions_per_level"]
-    spread = info["gist_spread"]["L1"]
-    assert spread["gists"] == s.token_count() // 32 >= 5  # every complete block
-    assert spread["norm"] > 0 and -1 <= spread["cos_to_mean"] <= 1
+    spread = info["gist_spread"]
+    assert spread["L1"]["count"] == s.token_count() // 32 >= 5  # every complete block
+    assert spread["L0"]["count"] == s.token_count()  # the tokens' embeddings, for comparison
+    for level in ("L0", "L1"):
+        assert spread[level]["norm"] > 0 and -1 <= spread[level]["cos_to_mean"] <= 1
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert main(["inspect", "nobody", "--store", str(store)]) == 2
