@@ -114,3 +114,27 @@ def test_a_note_that_lacks_the_asked_name_is_a_look_alike_and_scores_below_fille
     assert rel.argmax() in (100, n_blocks - 2, n_blocks - 1)
     plain = HeuristicScorer(neighbour_share=0.0, lookalike_share=1.0).relevance(wc, tree, question)
     assert plain[200] > 0 and plain[300] > 0  # without the rule, siblings are relevant
+
+
+def test_the_tail_of_the_answer_note_is_no_look_alike_of_an_older_note():
+    """An update states the asked-about fact again across a block edge; an older note far
+    before it holds every query token too. The window starting in the update's second block
+    holds half the question, like a sibling would, but the window before it holds the whole
+    update: the tail is part of the answer, not a rival, while a real sibling still is."""
+    from megacontext_memory.focus.working_context import Entry
+
+    k, n_blocks = 32, 512
+    tokens = np.random.default_rng(5).integers(100, 5000, n_blocks * k)
+    name, other, template = 1, 2, [3, 4, 5]
+    tokens[100 * k + 3 : 100 * k + 7] = template + [name]  # the older note
+    tokens[300 * k + 30 : 300 * k + 34] = [name, 3, 4, 5]  # the update: blocks 300 and 301
+    tokens[400 * k + 3 : 400 * k + 7] = template + [other]  # a sibling
+    question = template + [name]
+    tokens[-k : -k + 4] = question
+    tree = TokenTree(tokens)
+    tree.n_tokens = len(tokens)
+    wc = WorkingContext([Entry.node(0, b, tree.n_tokens) for b in range(n_blocks)])
+    rel = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, question)
+    assert rel[100] == pytest.approx(1.0) and rel[300] == pytest.approx(1.0)
+    assert rel[301] > 0  # holds 3 and 4 and 5: half the question's weight or more
+    assert rel[400] < 0

@@ -156,8 +156,12 @@ class HeuristicScorer:
         near = np.abs(cand[:, None] - cand[None, :]) < self.window_blocks  # overlapping
         close = window[cand][:, None] >= self.lookalike_share * window[cand][None, :]
         before = cand[None, :] < asked  # windows from `asked` on hold the question
-        dominated = (missing == 0) & strict & ~near & close & before
-        out[cand[dominated.any(1)]] = True
+        alike = ((missing == 0) & strict & ~near & close & before).any(1)
+        # ... unless a window overlapping it holds all it holds and more and is no look-alike
+        # itself: then it is a piece of a better match (the tail of the answer note, whose
+        # own windows only see part of it), not a rival.
+        part = ((missing == 0) & strict & near & ~alike[None, :]).any(1)
+        out[cand[alike & ~part]] = True
         return out
 
     def score(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> np.ndarray:
