@@ -139,7 +139,9 @@ class HeuristicScorer:
         Several notes often share one template ("the deadline for the Marwick project is
         ...") and differ in a name; the question names one. The notes that miss its name
         are the ones a small reader confuses with the answer, so they stay gists. A window
-        that merely shares a few of the question's words is no look-alike.
+        that merely shares a few of the question's words is no look-alike, nor is one that
+        a window overlapping it covers (a note straddling a block edge is seen whole only
+        by the window that starts before the edge).
         """
         out = np.zeros(len(window), bool)
         if self.lookalike_share >= 1.0:
