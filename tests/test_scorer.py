@@ -85,6 +85,17 @@ def test_an_entry_scores_as_its_best_window_so_wide_gists_lead_to_the_note():
     assert span[0] == span[1]
 
 
+def _asked_at_the_end(tokens: np.ndarray, question: list[int]):
+    """A tree of `tokens` with `question` as its newest tokens (in the last block), and a
+    working context of every block raw."""
+    from megacontext_memory.focus.working_context import Entry
+
+    tokens[-32 : -32 + len(question)] = question
+    tree = TokenTree(tokens)
+    tree.n_tokens = len(tokens)
+    return tree, WorkingContext([Entry.node(0, b, tree.n_tokens) for b in range(len(tokens) // 32)])
+
+
 def test_a_note_that_lacks_the_asked_name_is_a_look_alike_and_scores_below_filler():
     """Three notes share a template; the question names one (token 1). The siblings hold
     the template tokens but another name: the answer note ranks first and the siblings
@@ -92,8 +103,6 @@ def test_a_note_that_lacks_the_asked_name_is_a_look_alike_and_scores_below_fille
     word of the question is no look-alike, nor is the tail of the answer note itself (its
     window overlaps the note's), nor does the question (the newest tokens) make every
     note a look-alike."""
-    from megacontext_memory.focus.working_context import Entry
-
     k, n_blocks = 32, 512
     tokens = np.random.default_rng(3).integers(100, 5000, n_blocks * k)
     name, other, template = 1, 2, [3, 4, 5]
@@ -103,10 +112,7 @@ def test_a_note_that_lacks_the_asked_name_is_a_look_alike_and_scores_below_fille
     tokens[300 * k + 3 : 300 * k + 7] = template + [other + 1]  # another
     tokens[400 * k + 5] = template[0]  # filler sharing one word of the question
     question = template + [name]
-    tokens[-k : -k + 4] = question
-    tree = TokenTree(tokens)
-    tree.n_tokens = len(tokens)
-    wc = WorkingContext([Entry.node(0, b, tree.n_tokens) for b in range(n_blocks)])
+    tree, wc = _asked_at_the_end(tokens, question)
     rel = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, question)
     assert rel[100] == pytest.approx(1.0) and rel[101] > 0 and rel[102] > 0
     assert rel[200] < 0 and rel[300] < 0 and rel[199] < 0  # (199's window reaches 200)
@@ -121,8 +127,6 @@ def test_the_tail_of_the_answer_note_is_no_look_alike_of_an_older_note():
     before it holds every query token too. The window starting in the update's second block
     holds half the question, like a sibling would, but the window before it holds the whole
     update: the tail is part of the answer, not a rival, while a real sibling still is."""
-    from megacontext_memory.focus.working_context import Entry
-
     k, n_blocks = 32, 512
     tokens = np.random.default_rng(5).integers(100, 5000, n_blocks * k)
     name, other, template = 1, 2, [3, 4, 5]
@@ -130,10 +134,7 @@ def test_the_tail_of_the_answer_note_is_no_look_alike_of_an_older_note():
     tokens[300 * k + 30 : 300 * k + 34] = [name, 3, 4, 5]  # the update: blocks 300 and 301
     tokens[400 * k + 3 : 400 * k + 7] = template + [other]  # a sibling
     question = template + [name]
-    tokens[-k : -k + 4] = question
-    tree = TokenTree(tokens)
-    tree.n_tokens = len(tokens)
-    wc = WorkingContext([Entry.node(0, b, tree.n_tokens) for b in range(n_blocks)])
+    tree, wc = _asked_at_the_end(tokens, question)
     rel = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, question)
     assert rel[100] == pytest.approx(1.0) and rel[300] == pytest.approx(1.0)
     assert rel[301] > 0  # holds 3 and 4 and 5: half the question's weight or more
