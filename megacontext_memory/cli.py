@@ -165,7 +165,7 @@ def gist_spread(tree, level: int, base) -> dict:
     """How alike a session's gists of one level are (level 0: its tokens' embeddings, for
     comparison): their mean norm and mean cosine to their mean. Near-identical gists
     (cosine near 1) tell the reader little apart, and a run of them in the working context
-    invites a small reader to repeat itself."""
+    may lead a small reader to repeat itself."""
     if level == 0:
         v = base.embed(tree.tokens()).float().cpu().numpy()
     else:
