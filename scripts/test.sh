@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$PWD/.venv/bin/python"
 export OMP_NUM_THREADS=1
-WORKERS=$(( $(nproc) < 4 ? $(nproc) : 4 ))
+CORES=$(getconf _NPROCESSORS_ONLN)  # not nproc: it obeys OMP_NUM_THREADS
+WORKERS=$(( CORES < 4 ? CORES : 4 ))
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 $PY -m pytest -q -n "$WORKERS" --dist worksteal --durations=20 tests
