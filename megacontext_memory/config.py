@@ -34,10 +34,11 @@ class Config:
     recency_tokens: int = 256  # heuristic scorer: how fast the pull of recent tokens fades
     gist_checkpoint: str | None = "default"  # "default": the shipped checkpoint; None: untrained
     gist_dtype: str = "float16"
-    # Adam steps fitting each level-1 gist so the model continues after it as after its
-    # block, in the context of the block before it (0: GistNet's gists as they are); the
-    # target is the model's own greedy continuation, `gist_refine_tokens` long. See
-    # `refine_gists`.
+    # Adam steps fitting a level-1 gist, when a working context first shows it, so the
+    # model continues after it as after its block, in the context of the block before it
+    # (0: GistNet's gists as they are); the target is the model's own greedy continuation,
+    # `gist_refine_tokens` long. The fit is kept beside the stored gists, not instead of
+    # them. See `refine_gists` and `MegaContextTree.shown_gists`.
     gist_refine_steps: int = 2
     gist_refine_lr: float = 0.01
     gist_refine_tokens: int = 4

@@ -460,8 +460,11 @@ class Session:
                 with tel.timed("allocate"):
                     self.allocator.fit(self.wc, self.tree, budget)
                 n = self.tree.n_tokens
+                with tel.timed("gist"):  # level-1 gists shown for the first time are refined
+                    self.tree.shown_gists(1, [e.index for e in self.wc if e.level == 1])
                 with tel.timed("prefill"):
-                    version = f"{self.engine.gister.version}@{self.store.incarnation}"
+                    gister = self.engine.gister
+                    version = f"{gister.version}+{gister.refine_version}@{self.store.incarnation}"
                     keys = self.wc.position_keys(self.tree, version)
                     keys += [(0, n + i, t) for i, t in enumerate(prompt)]
                     embeds = torch.cat([self.wc.embeddings(self.tree, base), base.embed(prompt)])

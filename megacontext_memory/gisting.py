@@ -1,11 +1,17 @@
 """Gister: token blocks and gist groups -> gists, many at a time, shared by every session.
 
-Gisting is the costly part of ingest (the GistNet reads the base model's first layers, and
-the refinement runs the whole model forward and backward), and at batch 1 it is bound by
-overhead, not arithmetic. So the engine never gists on append: a session gathers every
-block and node completed since its last gisting and hands them over together, and the
-sessions of one process hand theirs to one `Gister`, which runs whatever is queued in
-shared batches (the caller that finds it idle runs the queue; the others wait for it).
+Gisting is the costly part of ingest (the GistNet reads the base model's first layers), and
+at batch 1 it is bound by overhead, not arithmetic. So the engine never gists on append: a
+session gathers every block and node completed since its last gisting and hands them over
+together, and the sessions of one process hand theirs to one `Gister`, which runs whatever
+is queued in shared batches (the caller that finds it idle runs the queue; the others wait
+for it).
+
+The in-context refinement of level-1 gists (`refine_gists`: the whole model forward and
+backward, six times GistNet's cost) is not part of ingest: the store holds GistNet's gists,
+which the level-2 net was trained on, and a level-1 gist is refined only when a working
+context first shows it (`MegaContextTree.shown_gists`). Most blocks of a long history are
+only ever seen inside a level-2 gist, so most are never refined.
 """
 
 from __future__ import annotations
@@ -24,13 +30,14 @@ from .models.refine import refine_gists
 
 @dataclass
 class _Job:
-    """One session's request: level-1 blocks [n, K] with the block before each ([n, K];
-    `has_context[i]` False for a session's first block), or level > 1 children [n, K, d]."""
+    """One session's request: level-1 blocks [n, K] or level > 1 children [n, K, d] to gist
+    (`level` >= 1), or level-1 gists [n, d] to refine (`level` 0) in the context of the
+    block before each ([n, K]) with their blocks ([n, K])."""
 
     level: int
     x: np.ndarray
     context: np.ndarray | None = None
-    has_context: np.ndarray | None = None
+    blocks: np.ndarray | None = None
     result: np.ndarray | None = None
     error: BaseException | None = None
     done: bool = False
@@ -43,10 +50,10 @@ class _Job:
 class Gister:
     """Makes gists with one GistStack, for every session of an engine at once.
 
-    With `refine` = (steps, lr, tokens) and steps > 0, every level-1 gist that has a block
-    before it is then fitted (`refine_gists`) so the model reading [previous block][gist]
-    continues as it does after [previous block][block]; the version names the fit, so a
-    store never mixes gists made with and without it.
+    `version` names GistNet, whose gists the store holds. With `refine` = (steps, lr,
+    tokens) and steps > 0, `refine` fits a level-1 gist (`refine_gists`) so the model
+    reading [previous block][gist] continues as it does after [previous block][block];
+    `refine_version` names the fit, so shown gists of other settings are never reused.
     """
 
     def __init__(
@@ -59,9 +66,10 @@ class Gister:
         batch: int = 32,
     ):
         self.base, self.stack = base, stack.to(base.device).eval()
-        self.refine = refine
+        self.fit = refine
         steps, lr, tokens = refine
-        self.version = f"{version}+refine{steps}x{lr:g}x{tokens}" if steps else version
+        self.version = version
+        self.refine_version = f"refine{steps}x{lr:g}x{tokens}" if steps else ""
         # bfloat16 gists are held as float32 values rounded to bfloat16 (numpy has no
         # bfloat16); the payload file stores their bits.
         self.np_dtype = np.float16 if dtype == "float16" else np.float32
@@ -71,20 +79,20 @@ class Gister:
         self._queue: list[_Job] = []
         self._running = False
 
-    def gists(self, level: int, children: np.ndarray, previous: np.ndarray | None = None):
-        """[n, 32] consecutive token blocks (level 1; `previous` is the block before the
-        first, None for a session's first block) or [n, 32, d] gists (level > 1) -> [n, d]."""
+    def gists(self, level: int, children: np.ndarray) -> np.ndarray:
+        """[n, 32] token blocks (level 1) or [n, 32, d] gists (level > 1) -> [n, d]."""
         if level == 1:
-            blocks = np.asarray(children, np.int64).reshape(-1, BLOCK_SIZE)
-            context = np.empty_like(blocks)
-            context[1:] = blocks[:-1]
-            has = np.ones(len(blocks), bool)
-            if previous is None:
-                has[:1] = False
-            elif len(blocks):
-                context[0] = previous
-            return self._submit(_Job(1, blocks, context, has))
+            return self._submit(_Job(1, np.asarray(children, np.int64).reshape(-1, BLOCK_SIZE)))
         return self._submit(_Job(level, np.asarray(children, np.float32)))
+
+    def refine(self, gists: np.ndarray, context: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Level-1 gists [n, d] of `blocks` [n, 32], each fitted in the context of the block
+        before it (`context` [n, 32]) -> [n, d]. Needs `refine_version`."""
+        if not self.refine_version:
+            raise ValueError("this Gister was made without a refinement (steps = 0)")
+        job = _Job(0, np.asarray(gists, np.float32), np.asarray(context, np.int64))
+        job.blocks = np.asarray(blocks, np.int64)
+        return self._submit(job)
 
     # ---- shared batches ---------------------------------------------------------------
     def _submit(self, job: _Job) -> np.ndarray:
@@ -125,32 +133,23 @@ class Gister:
 
     @torch.no_grad()
     def _compute(self, level: int, group: list[_Job]) -> np.ndarray:
+        dev = self.base.device
         x = np.concatenate([j.x for j in group])
-        if level == 1:
+        if level == 0:
             context = np.concatenate([j.context for j in group])
-            has = np.concatenate([j.has_context for j in group])
+            blocks = np.concatenate([j.blocks for j in group])
         out = []
         for i in range(0, len(x), self.batch):
-            if level == 1:
-                sl = slice(i, i + self.batch)
-                g = self._block_gists(x[sl], context[sl], has[sl])
+            sl = slice(i, i + self.batch)
+            chunk = torch.as_tensor(x[sl], device=dev)
+            if level == 0:
+                ctx, ids = (torch.as_tensor(a[sl], device=dev) for a in (context, blocks))
+                g = refine_gists(self.base, chunk, ctx, ids, *self.fit)
+            elif level == 1:
+                g = self.stack.from_tokens(self.base, chunk)
             else:
-                chunk = torch.as_tensor(x[i : i + self.batch], device=self.base.device)
                 g = self.stack(chunk, level)
             if self.bf16:
                 g = g.to(torch.bfloat16)
             out.append(g.float().cpu().numpy().astype(self.np_dtype))
         return np.concatenate(out)
-
-    def _block_gists(self, blocks: np.ndarray, context: np.ndarray, has: np.ndarray):
-        """Gists [n, d] of blocks [n, K], refined in the context of the block before each
-        where there is one."""
-        ids = torch.as_tensor(blocks, device=self.base.device)
-        g = self.stack.from_tokens(self.base, ids)
-        if not self.refine[0] or not has.any():
-            return g
-        rows = torch.as_tensor(np.flatnonzero(has), device=ids.device)
-        ctx = torch.as_tensor(context[has], device=ids.device)
-        g = g.clone()
-        g[rows] = refine_gists(self.base, g[rows], ctx, ids[rows], *self.refine)
-        return g

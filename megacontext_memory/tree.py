@@ -5,6 +5,10 @@ the messages and their tokens and returns; the gists lag behind. `make_gists` th
 in batches, every block and every group of 32 gists completed since it last ran, level by
 level (a refocus needs them, so the engine calls it before every turn). A crash in between
 loses nothing: the tokens are committed and the gists are made on the next call.
+
+The store holds GistNet's gists. A level-1 gist is shown refined in its context
+(`shown_gists`), fitted the first time a working context shows it and kept in the store's
+cache of refined gists.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class MegaContextTree:
         self.store, self.gister = store, gister
         self.counts: dict[int, int] = {}
         self.version = ""
+        self._refined: dict[int, np.ndarray] = {}  # level-1 gists as shown, by block
         with store.lock():
             self.refresh(prepare=True)
             self._check_version(reindex)
@@ -77,8 +82,7 @@ class MegaContextTree:
         path = self.store.store.path
         raise GistVersionMismatch(
             f"session {self.store.id!r} holds gists of GistNet {self.version!r}, but this "
-            f"engine uses {self.gister.version!r} (another checkpoint or gist_refine_* "
-            f"setting); re-gist it with `megacontext reindex --store {path}` and the settings "
+            f"engine uses {self.gister.version!r} (another checkpoint); re-gist it with `megacontext reindex --store {path}` and the settings "
             "to use, or open it with the settings that made it"
         )
 
@@ -108,6 +112,30 @@ class MegaContextTree:
         lo, hi = min(indices), max(indices) + 1
         rows = self.store.gists(level, lo, hi, version=self.gister.version)
         return rows[np.asarray(indices) - lo].astype(np.float32)
+
+    def shown_gists(self, level: int, indices: list[int]) -> np.ndarray:
+        """Gists [len(indices), d] as a working context shows them: level-1 gists refined in
+        the context of the block before each (all but a session's first block), refined now
+        where no earlier turn (of any process) did; other levels as stored."""
+        fit = self.gister.refine_version
+        if level != 1 or not fit:
+            return self.gist_vectors(level, indices)
+        todo = [i for i in dict.fromkeys(indices) if i > 0 and i not in self._refined]
+        if todo:
+            self._refined.update(self.store.refined(todo, fit))
+            todo = [i for i in todo if i not in self._refined]
+        if todo:
+            blocks = np.stack([self._tokens[i * K : (i + 1) * K] for i in todo])
+            context = np.stack([self._tokens[(i - 1) * K : i * K] for i in todo])
+            made = self.gister.refine(self.gist_vectors(1, todo), context, blocks)
+            fresh = dict(zip(todo, made, strict=True))
+            self.store.add_refined(fresh, fit, self.gister.version)
+            self._refined.update(fresh)
+        out = self.gist_vectors(1, indices)
+        for row, i in enumerate(indices):
+            if i in self._refined:
+                out[row] = self._refined[i]
+        return out
 
     @property
     def missing(self) -> int:
@@ -167,8 +195,7 @@ class MegaContextTree:
         tokens, have = self._tokens, self.count(1)
         full = min(self.n_tokens // K, have + max_blocks)
         if full > have:
-            previous = tokens[(have - 1) * K : have * K] if have else None
-            out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K), previous)
+            out[1] = self.gister.gists(1, tokens[have * K : full * K].reshape(-1, K))
         level = 1
         while True:
             total = self.count(level) + len(out.get(level, ()))
@@ -195,4 +222,5 @@ class MegaContextTree:
             children = gists[level][:n].astype(np.float32).reshape(-1, K, self.store.width)
             level += 1
         self.store.replace_gists(gists, self.gister.version)
+        self._refined.clear()
         self.refresh()

@@ -138,7 +138,7 @@ def test_another_gistnet_version_is_refused_at_open_and_in_use(engine_factory, t
     sa.make_gists()
     assert sa.tree.count(1) >= 2
     before = _files(sa)
-    b = engine_factory(store=store, working_budget=256, gist_refine_steps=1)
+    b = engine_factory(store=store, working_budget=256, gist_refine_steps=0, gist_checkpoint=None)
     assert b.gister.version != a.gister.version
     with pytest.raises(GistVersionMismatch, match=r"megacontext reindex --store"):
         b.session("v")

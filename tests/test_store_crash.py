@@ -56,8 +56,8 @@ def test_export_import_rebuilds_the_tree(tmp_path):
     assert fsck(tmp_path / "b").clean
     store_b = ["--store", str(tmp_path / "b"), "--checkpoint", "none"]
     assert reindex_main([*store_b, "--force", "--session", s.id]) == 0
-    # a one-batch re-gist refines level-1 gists in other batches than the appends did
-    # (`refine_gists`): equal up to float noise, not bit for bit
+    # a one-batch re-gist makes level-1 gists in other batch shapes than the appends did:
+    # equal up to float noise, not bit for bit
     ga, gb = (x.gists(1, 0, a.counts()[1]).astype(np.float64) for x in (a, b))
     cosine = (ga * gb).sum(-1) / np.linalg.norm(ga, axis=-1) / np.linalg.norm(gb, axis=-1)
     assert cosine.min() > 0.99

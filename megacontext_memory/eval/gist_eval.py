@@ -7,18 +7,19 @@ span) it measures the horizon NLL under the frozen LLM when the span is
     drop    removed
     mean    replaced by the mean of its token embeddings (one vector)
     gist    replaced by its GistNet gist (one vector; L2 = L2 net over 32 L1 gists)
-    refined the gist as the engine stores it: each level-1 gist fitted so the model
-            continues after it as after its block, in the context of the block before
-            it (`refine_gists`; L2 = L2 net over 32 such gists). The fit targets the
-            model's own continuation: nothing after the span is used.
+    refined the level-1 gist as the engine shows it: fitted so the model continues
+            after it as after its block, in the context of the block before it
+            (`refine_gists`). The fit targets the model's own continuation: nothing
+            after the span is used. (L2 gists are shown as the L2 net makes them from
+            GistNet's L1 gists, the inputs it was trained on: `gist`.)
 
 and, for L2 only, `l1_gists` (the 32 L1 gists the L2 gist is made from, for reference).
 With `--free-steps N` it also reports `free`: one unconstrained vector per window, fitted
 to the teacher on the very horizon it is scored on. That is an upper bound, not a held-out
 result; the distance from the gist to it is what the encoder leaves unused in the format.
 Positions are 'compact' (each entry takes one position). The headline is the recovery
-ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full) of the gists as the engine stores them
-(`refined`, or `gist` with `--refine-steps 0`), over all windows and per source, with a 95%
+ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full) of the gists as the engine shows them
+(`refined` at L1, or `gist` at L2 and with `--refine-steps 0`), over all windows and per source, with a 95%
 bootstrap interval over windows; `recovery_gistnet` is GistNet's output alone.
 `engine_view` scores the gists as the engine shows them, on a test split of held-out
 documents that no training probe drew from (`probe_free_streams`): the span follows
@@ -77,19 +78,14 @@ def token_nll(lp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def engine_gists(base, stack, ids: torch.Tensor, prefix: int, level: int, refine: tuple):
-    """Gists [B, 1, d] of the span after `prefix` made as the engine makes them: level-1
-    gists refined in the context of the block before each (the prefix's last block first)."""
+def engine_gists(base, stack, ids: torch.Tensor, prefix: int, refine: tuple):
+    """Level-1 gists [B, 1, d] of the 32-token span after `prefix` as the engine shows
+    them: refined in the context of the block before (the prefix's last block)."""
     if prefix < BLOCK_SIZE:
         raise ValueError(f"refined gists need a prefix of at least {BLOCK_SIZE} tokens")
-    b = ids.shape[0]
-    blocks = ids[:, prefix - BLOCK_SIZE : prefix + BLOCK_SIZE**level].reshape(b, -1, BLOCK_SIZE)
-    context, targets = blocks[:, :-1].flatten(0, 1), blocks[:, 1:].flatten(0, 1)
-    g = stack.from_tokens(base, targets)
-    g = obj.refine_gists(base, g, context, targets, *refine).reshape(b, -1, base.width)
-    if level == 1:
-        return g
-    return stack(g.reshape(b, 1, -1, BLOCK_SIZE, base.width), level).reshape(b, 1, base.width)
+    context, block = ids[:, prefix - BLOCK_SIZE : prefix], ids[:, prefix : prefix + BLOCK_SIZE]
+    g = obj.refine_gists(base, stack.from_tokens(base, block), context, block, *refine)
+    return g[:, None]
 
 
 @torch.no_grad()
@@ -117,8 +113,8 @@ def window_nlls(
     if level == 2:
         l1 = stack.from_tokens(base, spans.reshape(ids.shape[0], -1, 32))  # [B, 32, d]
         out["l1_gists"] = token_nll(obj.student_logprobs(base, cache, prefix, l1, hor), tgt)
-    if refine[0]:
-        refined = engine_gists(base, stack, ids, prefix, level, refine)
+    if refine[0] and level == 1:
+        refined = engine_gists(base, stack, ids, prefix, refine)
         out["refined"] = token_nll(obj.student_logprobs(base, cache, prefix, refined, hor), tgt)
     if free_steps:
         free = obj.fit_middle(base, cache, prefix, gist, hor, teacher, free_steps, lr=0.01)
@@ -285,15 +281,21 @@ def engine_view_nlls(base, stack, ids, level: int, blocks: int, horizon: int, re
     """Per-token horizon NLLs [B, H] of windows [B, (blocks + 1) * 32 + span + horizon] with
     the prefix as the engine shows it: `blocks` level-1 gists (the first block only gives
     the first gist its context). For each way of making gists ('gistnet' alone, 'stored'
-    as refined at ingest) the span is kept raw (full), dropped, or that way's gist."""
+    as the engine shows them: level-1 gists refined in context, an L2 gist made from
+    GistNet's L1 gists) the span is kept raw (full), dropped, or that way's gist."""
     b, k = ids.shape[0], BLOCK_SIZE
     span = k**level
     hor = ids[:, -horizon:]
     chunks = ids[:, : (blocks + 1) * k + span].reshape(b, -1, k)
-    context, targets = chunks[:, :-1].flatten(0, 1), chunks[:, 1:].flatten(0, 1)
-    made = {"gistnet": stack.from_tokens(base, targets)}
+    made = {
+        "gistnet": stack.from_tokens(base, chunks[:, 1:].flatten(0, 1)).reshape(b, -1, base.width)
+    }
     if refine[0]:
-        made["stored"] = obj.refine_gists(base, made["gistnet"], context, targets, *refine)
+        shown = blocks + 1 if level == 1 else blocks  # level-1 gists shown: prefix (+ span)
+        g = made["gistnet"][:, :shown].flatten(0, 1)
+        ctx, blk = chunks[:, :shown].flatten(0, 1), chunks[:, 1 : shown + 1].flatten(0, 1)
+        fitted = obj.refine_gists(base, g, ctx, blk, *refine).reshape(b, shown, base.width)
+        made["stored"] = torch.cat([fitted, made["gistnet"][:, shown:]], 1)
     raw_span = base.embed(ids[:, (blocks + 1) * k : (blocks + 1) * k + span])
     out = {}
     for name, g in made.items():

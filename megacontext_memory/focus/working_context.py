@@ -112,14 +112,15 @@ class WorkingContext:
         return keys
 
     def embeddings(self, tree: MegaContextTree, base) -> torch.Tensor:
-        """[positions, d] inputs_embeds: token embeddings for raw entries, gists as stored."""
+        """[positions, d] inputs_embeds: token embeddings for raw entries, gists as shown
+        (`MegaContextTree.shown_gists`: level-1 gists refined in their context)."""
         parts: list[torch.Tensor] = []
         for level, run in _runs(self.entries):
             if level == 0:
                 ids = tree.tokens(run[0].start, run[-1].end)
                 parts.append(base.embed(torch.as_tensor(ids)))
             else:
-                vecs = tree.gist_vectors(level, [e.index for e in run])
+                vecs = tree.shown_gists(level, [e.index for e in run])
                 parts.append(torch.as_tensor(vecs, device=base.device))
         if not parts:
             return torch.zeros(0, base.width, device=base.device)

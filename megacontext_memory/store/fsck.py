@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .payload import HEADER_SIZE, PayloadError
-from .sqlite import NEEDS_REGIST, SessionStore, Store, StoreError, decode_id, file_level
+from .sqlite import (
+    NEEDS_REGIST,
+    SESSION_TABLES,
+    SessionStore,
+    Store,
+    StoreError,
+    decode_id,
+    file_level,
+)
 
 
 @dataclass
@@ -77,14 +85,12 @@ def fsck(path: str | os.PathLike, repair: bool = False, gist_version: str | None
         return rep
     rows = store.query("SELECT * FROM sessions ORDER BY rowid")
     keys = {r["key"] for r in rows}
-    for r in store.query(
-        "SELECT DISTINCT session_key FROM messages UNION SELECT session_key FROM levels"
-    ):
+    for r in store.query(" UNION ".join(f"SELECT session_key FROM {t}" for t in SESSION_TABLES)):
         if r["session_key"] not in keys:
             rep.errors.append(f"{db_path}: rows of unknown session key {r['session_key']}")
             if repair:
                 with store._write() as conn:
-                    for t in ("messages", "levels"):
+                    for t in SESSION_TABLES:
                         conn.execute(f"DELETE FROM {t} WHERE session_key = ?", [r["session_key"]])
                 rep.repaired.append(
                     f"{db_path}: removed rows of unknown session {r['session_key']}"
@@ -98,7 +104,7 @@ def fsck(path: str | os.PathLike, repair: bool = False, gist_version: str | None
         )
         if repair:
             with store.lock(r["key"]), store._write() as conn:
-                for t in ("messages", "levels", "sessions"):
+                for t in (*SESSION_TABLES, "sessions"):
                     column = "key" if t == "sessions" else "session_key"
                     conn.execute(f"DELETE FROM {t} WHERE {column} = ?", [r["key"]])
             rep.repaired.append(f"{db_path}: unfinished import {decode_id(r['id'])!r} removed")
@@ -257,6 +263,7 @@ def _check_files(s: SessionStore, version, counts, faults, rep: Report, repair: 
 def _drop_gists(store: Store, s: SessionStore) -> None:
     with store._write() as conn:
         conn.execute("DELETE FROM levels WHERE session_key = ? AND level > 0", [s.key])
+        conn.execute("DELETE FROM refined_gists WHERE session_key = ?", [s.key])
         conn.execute("UPDATE sessions SET gist_version = ? WHERE key = ?", [NEEDS_REGIST, s.key])
     s.prepare()
 

@@ -40,7 +40,7 @@ import sqlite_utils
 from .locks import KeyLocks
 from .payload import PayloadError, PayloadFile, _fsync_dir
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     key TEXT PRIMARY KEY, id BLOB NOT NULL UNIQUE, created REAL NOT NULL,
@@ -57,7 +57,13 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE TABLE IF NOT EXISTS levels (
     session_key TEXT NOT NULL, level INTEGER NOT NULL, count INTEGER NOT NULL,
     PRIMARY KEY (session_key, level));
+CREATE TABLE IF NOT EXISTS refined_gists (
+    session_key TEXT NOT NULL, idx INTEGER NOT NULL, fit TEXT NOT NULL, dtype TEXT NOT NULL,
+    vector BLOB NOT NULL, PRIMARY KEY (session_key, idx));
 """
+# Every table whose rows belong to one session (by `session_key`); `refined_gists` is a
+# cache of level-1 gists refined for showing (see `SessionStore.add_refined`).
+SESSION_TABLES = ("messages", "levels", "refined_gists")
 NEEDS_REGIST = "needs-regist"  # gists dropped by a repair: made again on next open or reindex
 _FILE = re.compile(r"^L(?:0|([1-9][0-9]*)-(.+))\.bin$")
 T = TypeVar("T")
@@ -373,7 +379,7 @@ class Store:
                     "UPDATE sessions SET key = ?, id = ?, staging = 0 WHERE key = ?",
                     [key, encode_id(session_id), staged.key],
                 )
-                for table in ("messages", "levels"):
+                for table in SESSION_TABLES:
                     conn.execute(
                         f"UPDATE {table} SET session_key = ? WHERE session_key = ?",
                         [key, staged.key],
@@ -387,7 +393,7 @@ class Store:
 
 
 def _delete_rows(conn: sqlite3.Connection, key: str) -> None:
-    for table in ("messages", "levels"):
+    for table in SESSION_TABLES:
         conn.execute(f"DELETE FROM {table} WHERE session_key = ?", [key])
     conn.execute("DELETE FROM sessions WHERE key = ?", [key])
 
@@ -584,12 +590,49 @@ class SessionStore:
         with self.store._write() as conn:
             self._check(conn)
             conn.execute("DELETE FROM levels WHERE session_key = ? AND level > 0", [self.key])
+            conn.execute("DELETE FROM refined_gists WHERE session_key = ?", [self.key])
             for level, arr in gists.items():
                 if len(arr):
                     conn.execute("INSERT INTO levels VALUES (?,?,?)", [self.key, level, len(arr)])
             conn.execute("UPDATE sessions SET gist_version = ? WHERE key = ?", [version, self.key])
         if old != version:
             self.prepare()  # drop the old version's files
+
+    def add_refined(self, vectors: dict[int, np.ndarray], fit: str, version: str) -> None:
+        """Keep level-1 gists refined by `fit` from GistNet `version`'s (index -> [d]).
+
+        A cache, not history: no lock is needed and a crash loses nothing that cannot be
+        made again. Rows are refused when the session has meanwhile been re-gisted (other
+        gists were refined) and are dropped with the gists they were made from."""
+        with self.store._write() as conn:
+            v_now = self._check(conn)[0]
+            if v_now != version:
+                return
+            n = conn.execute(
+                "SELECT count FROM levels WHERE session_key = ? AND level = 1", [self.key]
+            ).fetchone()
+            conn.executemany(
+                "INSERT OR REPLACE INTO refined_gists VALUES (?,?,?,?,?)",
+                [
+                    (self.key, int(i), fit, str(v.dtype), np.ascontiguousarray(v).tobytes())
+                    for i, v in vectors.items()
+                    if n is not None and 0 <= i < n[0]
+                ],
+            )
+
+    def refined(self, indices: list[int], fit: str) -> dict[int, np.ndarray]:
+        """The cached level-1 gists refined by `fit` among `indices` (index -> [d])."""
+        if not indices:
+            return {}
+        wanted = set(indices)
+        with self.store._read() as conn:
+            self._check(conn)
+            rows = conn.execute(
+                "SELECT idx, dtype, vector FROM refined_gists WHERE session_key = ? AND fit = ? "
+                "AND idx BETWEEN ? AND ?",
+                [self.key, fit, min(wanted), max(wanted)],
+            ).fetchall()
+        return {i: np.frombuffer(v, dtype=d) for i, d, v in rows if i in wanted}
 
     # ---- reads ----------------------------------------------------------------------
     def messages(

@@ -236,7 +236,7 @@ def train_lens_main(argv: list[str] | None = None) -> int:
     sizes = {2000: args.tasks_2k, 8000: args.tasks_8k}
     t0 = time.perf_counter()
     # The labels never read a gist; LensNet's inputs read only gists wider than a block
-    # (made from level-1 gists), so the costly refinement of level-1 gists is left out.
+    # (made from GistNet's level-1 gists), so the refinement of shown level-1 gists is off.
     options = {"working_budget": args.budget, "gist_refine_steps": 0}
     paths = make_labels(Path(args.labels), sizes, args.seed, options)
     examples = _load(paths)
