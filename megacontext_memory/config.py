@@ -44,6 +44,9 @@ class Config:
     gist_refine_tokens: int = 4
     position_convention: str = "compact"
     scorer: str = "heuristic"  # or "lensnet" (the trained LensNet; see `eval-focus`)
+    # Gists above this level still tile the history (scored, expanded, collapsed) but are
+    # not shown to the reader and cost no position (0: raw tokens only); None: all shown.
+    shown_levels: int | None = None
     lens_checkpoint: str | None = "default"  # "default": the shipped LensNet
     seed: int = 0
 
@@ -78,6 +81,8 @@ class Config:
             raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}")
         if self.position_convention not in POSITION_CONVENTIONS:
             raise ValueError(f"position_convention must be one of {POSITION_CONVENTIONS}")
+        if self.shown_levels is not None and self.shown_levels < 0:
+            raise ValueError(f"shown_levels must be None or >= 0, got {self.shown_levels}")
         if self.scorer not in SCORERS:
             raise ValueError(f"unknown scorer {self.scorer!r}; available: {SCORERS}")
 

@@ -164,7 +164,7 @@ class Session:
         self.tree = MegaContextTree(self.store, engine.gister)
         self.allocator = FocusAllocator(self.config)
         self.scorer = make_scorer(self.config, engine.base)
-        self.wc = WorkingContext()
+        self.wc = WorkingContext(shown_levels=self.config.shown_levels)
         self.telemetry: list[TurnTelemetry] = []
         self._pending = TurnTelemetry()
         self._kv = None
@@ -305,7 +305,7 @@ class Session:
         if not self.wc.entries or grown > self.config.working_budget or hidden:
             # (Re)build in one pass rather than collapsing a long all-raw history block by block.
             raw = self.config.working_budget // 2
-            self.wc = WorkingContext.coarse(self.tree, raw, pins)
+            self.wc = WorkingContext.coarse(self.tree, raw, pins, self.config.shown_levels)
             self._fit(self.config.working_budget)
         elif grown:
             self.wc.extend(self.tree.n_tokens)

@@ -201,3 +201,34 @@ def test_rounds_without_fill_never_grow_the_context():
         before = len(wc)
         alloc.refocus(wc, tree, np.random.default_rng(0).normal(0, 1, len(wc.entries)), 512, False)
         assert len(wc) <= before
+
+
+@pytest.mark.parametrize("shown", [0, 1])
+def test_gists_the_reader_is_not_shown_cost_nothing_and_the_budget_still_fills(shown):
+    """With `shown_levels`, hidden gists still tile the history but take no position, so
+    the budget goes to what is shown; moves, cooldown and invariants are as before."""
+    cfg = Config(working_budget=256, recent_raw=64)
+    alloc, rng = FocusAllocator(cfg), np.random.default_rng(1)
+    tree = FakeTree(40_000)
+    wc = WorkingContext.coarse(tree, 128, shown_levels=shown)
+    assert len(wc) == sum(e.cost for e in wc.entries if e.level <= shown) < 256
+    for _ in range(30):
+        alloc.new_event()
+        alloc.refocus(wc, tree, rng.normal(0, 1, len(wc.entries)), cfg.working_budget)
+        check_invariants(wc, tree, cfg.working_budget, cfg.recent_raw)
+    assert len(wc) >= 0.9 * room(cfg.working_budget)
+    hidden = [e for e in wc.entries if e.level > shown]
+    assert hidden and len(wc) == sum(e.cost for e in wc.entries if e.level <= shown)
+    assert max(wc.per_level()) <= shown
+    shown_keys = [k for k in wc.position_keys(_TokenTree(tree), "v") if k[0] <= shown]
+    assert len(shown_keys) == len(wc)
+
+
+class _TokenTree(FakeTree):
+    """A fake tree that also has tokens (for position keys)."""
+
+    def __init__(self, tree: FakeTree):
+        self.__dict__.update(tree.__dict__)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        return np.arange(start, end) % 1000

@@ -49,6 +49,24 @@ def test_every_reply_reads_a_context_that_uses_90_percent_of_its_positions(engin
     check_invariants(fresh.working_context(), fresh.tree, BUDGET, engine.config.recent_raw)
 
 
+def test_hidden_levels_cost_no_position_and_are_never_fed(engine_factory):
+    """`shown_levels=1`: level-2 gists still tile the history but the reader is shown only
+    raw tokens and level-1 gists, and the budget is filled with those."""
+    engine = engine_factory(working_budget=BUDGET, gist_refine_steps=0, shown_levels=1)
+    base, s = engine.base, engine.session("hidden")
+    s.extend(conversation(base, 4000, FACTS[1], seed=5))
+    s.append("user", FACTS[1].question)
+    s.generate(max_new_tokens=MAX_NEW)
+    (t,) = s.telemetry
+    assert max(t.entries_per_level) <= 1 and any(e.level >= 2 for e in s.wc)
+    assert 0.9 * _available(base) <= t.positions_used <= _available(base), t.to_dict()
+    assert len(s.wc.embeddings(s.tree, base)) == len(s.wc) == t.positions_used
+    assert t.prefill_tokens + t.reused_prefix == len(s.wc) + len(
+        base.encode(base.generation_prompt())
+    )
+    check_invariants(s.working_context(), s.tree, BUDGET, engine.config.recent_raw)
+
+
 @pytest.mark.parametrize("follow_questions", [True, False], ids=["questions", "recency"])
 def test_200_turns_keep_the_budget_the_cooldown_and_the_kv_prefix(base, tmp_path, follow_questions):
     """200 chat turns of held-out dialogue, driven as closely to the budget as possible:

@@ -58,7 +58,7 @@ def _scorers(engine, seed: int) -> dict:
 
 def refocused(engine, scorer, wc: WorkingContext, tree, query: list[int], budget: int):
     """The working context after a reply's refocus rounds with `scorer` (a copy)."""
-    wc = WorkingContext(list(wc.entries))
+    wc = WorkingContext(list(wc.entries), wc.shown_levels)
     alloc = FocusAllocator(engine.config)
     alloc.pinned = [(0, min(engine.config.pin_system_tokens, 64))]
     alloc.new_event()

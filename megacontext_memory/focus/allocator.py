@@ -1,7 +1,8 @@
 """FocusAllocator: turns signed scores into legal expand/collapse moves under a hard budget.
 
 Expanding a gist replaces it with its 32 children (+31 positions); collapsing 32 siblings
-(or one raw block) replaces them with their parent (-31). Moves never touch the tree.
+(or one raw block) replaces them with their parent (-31); gists the reader is not shown
+cost nothing (`WorkingContext.shown_levels`). Moves never touch the tree.
 
 The budget is there to be used. A refocus round, at most `max_moves` moves:
 1. makes room when the working context is over budget: it collapses the lowest-scored
@@ -164,10 +165,12 @@ class FocusAllocator:
             moves.append(self._collapse(wc, (warm or options)[0], s, cool=False))
         return moves
 
-    def _cheapest(self, wc, tree, s: list, keep: int) -> _Collapse | None:
+    def _cheapest(self, wc, tree, s: list, keep: int, need: int) -> _Collapse | None:
+        """The lowest-scored collapse, not of entry `keep`, that frees `need` positions."""
         for c in self.collapses(wc, tree, np.asarray(s)):
             cooling = self._cooling(c.parent.level, c.parent.index)
-            if not cooling and not c.first <= keep < c.first + c.n:
+            freed = sum(map(wc.cost, wc.entries[c.first : c.first + c.n])) - wc.cost(c.parent)
+            if not cooling and not c.first <= keep < c.first + c.n and freed >= need:
                 return c
         return None
 
@@ -185,8 +188,9 @@ class FocusAllocator:
             if not best:
                 break
             i = best[0]
-            if not (fill and len(wc) + K - 1 <= limit):  # no filling: swap, or stop
-                c = self._cheapest(wc, tree, s, keep=i)
+            growth = wc.growth(i, tree.n_tokens)
+            if not (fill and len(wc) + growth <= limit):  # no filling: swap, or stop
+                c = self._cheapest(wc, tree, s, keep=i, need=len(wc) + growth - budget)
                 worth = c is not None and s[i] - c.score > self.config.tau_expand
                 if not worth or len(moves) + 2 > self.config.max_moves:
                     break

@@ -2,6 +2,9 @@
 
 An entry is either a raw block (level 0: up to 32 tokens, each costing one position) or a
 gist (level >= 1: one tree node, one position). The newest, incomplete block is raw.
+
+With `shown_levels` set, gists above that level still tile the history (the focus scores,
+expands and collapses them) but the reader is not shown them, and they cost no position.
 """
 
 from __future__ import annotations
@@ -40,12 +43,33 @@ class Entry:
 class WorkingContext:
     """The entries the frozen model sees, in time order."""
 
-    def __init__(self, entries: list[Entry] | None = None):
+    def __init__(self, entries: list[Entry] | None = None, shown_levels: int | None = None):
         self.entries: list[Entry] = list(entries or [])
+        self.shown_levels = shown_levels  # None: every level is shown
+
+    def shown(self, e: Entry) -> bool:
+        return self.shown_levels is None or e.level <= self.shown_levels
+
+    def cost(self, e: Entry) -> int:
+        """Positions `e` takes: its tokens when raw, one when a shown gist, else none."""
+        return e.cost if self.shown(e) else 0
+
+    def growth(self, i: int, n_tokens: int) -> int:
+        """Positions expanding entry `i` (a gist) adds."""
+        e = self.entries[i]
+        if e.level == 1:
+            children = [Entry.node(0, e.index, n_tokens)]
+        else:
+            children = [Entry.node(e.level - 1, e.index * K, n_tokens)] * K
+        return sum(self.cost(c) for c in children) - self.cost(e)
 
     @classmethod
     def coarse(
-        cls, tree: MegaContextTree, raw_tokens: int, pinned: list[tuple[int, int]] = ()
+        cls,
+        tree: MegaContextTree,
+        raw_tokens: int,
+        pinned: list[tuple[int, int]] = (),
+        shown_levels: int | None = None,
     ) -> WorkingContext:
         """A fresh tiling in one pass: the blocks of the `pinned` token spans and the newest
         ~`raw_tokens` raw, everything else as the largest complete tree nodes. Refocusing
@@ -73,11 +97,11 @@ class WorkingContext:
             entries.append(Entry.node(level, pos // K**level, n))
             pos += K**level
         entries += [Entry.node(0, b, n) for b in range(pos // K, -(-n // K))]
-        return cls(entries)
+        return cls(entries, shown_levels)
 
     def __len__(self) -> int:
-        """Positions in use (raw tokens count one each, gists one each)."""
-        return sum(e.cost for e in self.entries)
+        """Positions in use (raw tokens count one each, shown gists one each)."""
+        return sum(self.cost(e) for e in self.entries)
 
     def __iter__(self):
         return iter(self.entries)
@@ -85,7 +109,8 @@ class WorkingContext:
     def per_level(self) -> dict[int, int]:
         out: dict[int, int] = {}
         for e in self.entries:
-            out[e.level] = out.get(e.level, 0) + e.cost
+            if self.shown(e):
+                out[e.level] = out.get(e.level, 0) + e.cost
         return dict(sorted(out.items()))
 
     @property
@@ -103,7 +128,7 @@ class WorkingContext:
     def position_keys(self, tree: MegaContextTree, version: str) -> list[tuple]:
         """One hashable key per position, to find the prefix a KV cache can keep."""
         keys: list[tuple] = []
-        for e in self.entries:
+        for e in filter(self.shown, self.entries):
             if e.level == 0:
                 toks = tree.tokens(e.start, e.end)
                 keys.extend((0, e.start + i, int(t)) for i, t in enumerate(toks))
@@ -115,7 +140,7 @@ class WorkingContext:
         """[positions, d] inputs_embeds: token embeddings for raw entries, gists as shown
         (`MegaContextTree.shown_gists`: level-1 gists refined in their context)."""
         parts: list[torch.Tensor] = []
-        for level, run in _runs(self.entries):
+        for level, run in _runs(list(filter(self.shown, self.entries))):
             if level == 0:
                 ids = tree.tokens(run[0].start, run[-1].end)
                 parts.append(base.embed(torch.as_tensor(ids)))
