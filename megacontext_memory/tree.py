@@ -107,11 +107,16 @@ class MegaContextTree:
         return self._tokens[start : self.n_tokens if end is None else end]
 
     def gist_vectors(self, level: int, indices: list[int]) -> np.ndarray:
+        """Stored gists [len(indices), d] of `level`, read a run of neighbours at a time (a
+        working context's gists are spread over the whole history; only they are read)."""
         if not indices:
             return np.zeros((0, self.store.width), np.float32)
-        lo, hi = min(indices), max(indices) + 1
-        rows = self.store.gists(level, lo, hi, version=self.gister.version)
-        return rows[np.asarray(indices) - lo].astype(np.float32)
+        wanted = np.asarray(indices)
+        have = np.unique(wanted)
+        runs = np.split(have, np.flatnonzero(np.diff(have) > 1) + 1)
+        v = self.gister.version
+        rows = [self.store.gists(level, int(r[0]), int(r[-1]) + 1, version=v) for r in runs]
+        return np.concatenate(rows)[np.searchsorted(have, wanted)].astype(np.float32)
 
     def shown_gists(self, level: int, indices: list[int]) -> np.ndarray:
         """Gists [len(indices), d] as a working context shows them: level-1 gists refined in
