@@ -82,8 +82,9 @@ class MegaContextTree:
         path = self.store.store.path
         raise GistVersionMismatch(
             f"session {self.store.id!r} holds gists of GistNet {self.version!r}, but this "
-            f"engine uses {self.gister.version!r} (another checkpoint); re-gist it with `megacontext reindex --store {path}` and the settings "
-            "to use, or open it with the settings that made it"
+            f"engine uses {self.gister.version!r} (another checkpoint); re-gist it with "
+            f"`megacontext reindex --store {path}` and the settings to use, or open it with "
+            "the settings that made it"
         )
 
     # ---- queries ----------------------------------------------------------------------

@@ -19,8 +19,9 @@ to the teacher on the very horizon it is scored on. That is an upper bound, not 
 result; the distance from the gist to it is what the encoder leaves unused in the format.
 Positions are 'compact' (each entry takes one position). The headline is the recovery
 ratio (NLL_drop - NLL_gist) / (NLL_drop - NLL_full) of the gists as the engine shows them
-(`refined` at L1, or `gist` at L2 and with `--refine-steps 0`), over all windows and per source, with a 95%
-bootstrap interval over windows; `recovery_gistnet` is GistNet's output alone.
+(`refined` at L1, or `gist` at L2 and with `--refine-steps 0`), over all windows and per
+source, with a 95% bootstrap interval over windows; `recovery_gistnet` is GistNet's output
+alone.
 `engine_view` scores the gists as the engine shows them, on a test split of held-out
 documents that no training probe drew from (`probe_free_streams`): the span follows
 `--engine-prefix-blocks` blocks shown as level-1 gists (made as the engine makes them),
