@@ -24,6 +24,7 @@ from .store.sqlite import NEEDS_REGIST
 
 K = BLOCK_SIZE
 ROUND_BLOCKS = 512  # `make_gists` commits after at most this many level-1 gists
+REFINED_KEPT = 4096  # refined level-1 gists kept in memory (the store keeps them all)
 
 
 class MegaContextTree:
@@ -35,7 +36,8 @@ class MegaContextTree:
         self.store, self.gister = store, gister
         self.counts: dict[int, int] = {}
         self.version = ""
-        self._refined: dict[int, np.ndarray] = {}  # level-1 gists as shown, by block
+        # level-1 gists as shown, by block, least recently shown first
+        self._refined: dict[int, np.ndarray] = {}
         with store.lock():
             self.refresh(prepare=True)
             self._check_version(reindex)
@@ -140,7 +142,9 @@ class MegaContextTree:
         out = self.gist_vectors(1, indices)
         for row, i in enumerate(indices):
             if i in self._refined:
-                out[row] = self._refined[i]
+                out[row] = self._refined[i] = self._refined.pop(i)  # now the newest used
+        while len(self._refined) > REFINED_KEPT:  # drop the least recently shown
+            del self._refined[next(iter(self._refined))]
         return out
 
     @property

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megacontext_memory import CheckpointMismatch, check_invariants
+from megacontext_memory import tree as tree_module
 from megacontext_memory.demo import FACTS, conversation
 from megacontext_memory.models.checkpoint import base_meta, save_gist_stack
 from megacontext_memory.models.gistnet import GistStack
@@ -163,7 +164,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
 
 
-def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(engine_factory, tmp_path):
+def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(
+    engine_factory, tmp_path, monkeypatch
+):
     """The store holds GistNet's gists; a level-1 gist is refined in the context of the
     block before it when a working context first shows it, and the fit is kept in the
     store for every later turn and process. Changing the fit re-fits, never re-gists."""
@@ -210,6 +213,11 @@ def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(engine_fa
     again = engine_factory(store=store, working_budget=256).session("s")
     again.tree.gister = copy.copy(again.tree.gister)
     again.tree.gister.refine = no_refinement  # another process reuses the stored fit
+    assert np.array_equal(again.tree.shown_gists(1, shown), shown_now)
+    # Memory keeps only the most recently shown fits; the rest are read back from the store.
+    monkeypatch.setattr(tree_module, "REFINED_KEPT", 2)
+    assert np.array_equal(again.tree.shown_gists(1, shown), shown_now)
+    assert list(again.tree._refined) == [i for i in shown if i > 0][-2:]
     assert np.array_equal(again.tree.shown_gists(1, shown), shown_now)
 
     other = engine_factory(store=store, working_budget=256, gist_refine_lr=0.02)
