@@ -18,7 +18,14 @@ from megacontext_memory.models.checkpoint import (
     save_lensnet,
 )
 from megacontext_memory.models.lensnet import FEATURES, LensNet
-from megacontext_memory.training.lens_train import _batch, _scores, block_utilities, hits
+from megacontext_memory.training.lens_train import (
+    _batch,
+    _load,
+    _scores,
+    answer_rank,
+    block_utilities,
+    hits,
+)
 
 
 def test_the_block_stating_the_answer_gets_the_largest_label(base):
@@ -33,6 +40,30 @@ def test_the_block_stating_the_answer_gets_the_largest_label(base):
     }
     assert int(np.argmax(u)) in holding | {min(holding) - 1}  # a block and the one after it
     assert u.max() > 0.5 and np.median(u) < u.max() / 2
+    # Long histories label only some blocks: those get the same labels, the rest 0.
+    only = np.zeros(len(blocks), bool)
+    only[[1, int(np.argmax(u))]] = True
+    part = block_utilities(base, blocks, "What is Harwick's door code?", "4417", only=only)
+    np.testing.assert_allclose(part[only], u[only], rtol=1e-3, atol=1e-3)
+    assert (part[~only] == 0).all()
+
+
+def test_the_answer_ranks_among_gists_with_ties_in_context_order():
+    """Pure logic on made-up scores."""
+    levels = np.array([1, 0, 2, 1, 1])
+    scores = np.array([0.5, 9.0, 0.5, 0.7, 0.1])  # the raw entry's score does not count
+    assert answer_rank(scores, levels, np.array([2])) == 3  # after 3, and 0 (a tie, earlier)
+    assert answer_rank(scores, levels, np.array([4, 3])) == 1  # its best entry counts
+    assert answer_rank(scores, levels, np.array([1, 2])) == 1  # partly raw: found
+    assert hits(scores, levels, np.array([2]), 3) and not hits(scores, levels, np.array([2]), 2)
+
+
+def test_labels_made_for_other_features_are_refused(tmp_path):
+    n = 3
+    old = tmp_path / "dev-2000-000-seed0.npz"
+    np.savez(old, features=np.zeros((n, len(FEATURES) - 1), np.float32), labels=np.zeros(n))
+    with pytest.raises(ValueError, match=f"{len(FEATURES) - 1} features per entry"):
+        _load([old])
 
 
 def test_scores_do_not_depend_on_padding_or_batching(engine_factory):
@@ -94,5 +125,6 @@ def test_eval_focus_reports_every_scorer():
     for by_size in result["summary"].values():
         m = by_size["2000"]
         assert m["tasks"] == 1 and 0 <= m["hit@1"] <= m["hit@4"] <= 1 and 0 < m["used"] <= 1
+        assert m["hit@1"] <= m["mrr"] <= 1
         assert 0 <= m["lookalikes_raw"] <= 1
     assert "lensnet" in table(result)

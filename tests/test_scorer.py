@@ -83,6 +83,12 @@ def test_an_entry_scores_as_its_best_window_so_wide_gists_lead_to_the_note():
     assert not rel[2:].any()
     span = HeuristicScorer(neighbour_share=0.0, window_blocks=0).relevance(wc, tree, query)
     assert span[0] == span[1]
+    # Per block, the share of the query in it and the next block (LensNet's labels use it).
+    per_block = HeuristicScorer().window_matches(tree, query)
+    assert per_block.shape == (n_blocks,)
+    assert per_block[1500] == pytest.approx(1.0) and per_block[1501] == pytest.approx(2 / 3)
+    assert per_block[[99, 100, 399, 400]] == pytest.approx([1 / 3] * 4)
+    assert np.count_nonzero(per_block) == 9
 
 
 def _asked_at_the_end(tokens: np.ndarray, question: list[int]):

@@ -5,7 +5,8 @@ history is stored in a session and its working context taken as the turn's refoc
 sees it (the newest tokens raw, the rest as gists). Then, per scorer (lensnet, heuristic,
 recency-only, random):
 - hit@1 / hit@4: an entry holding the answering note is among the 1 / 4 best-scored
-  gists (the expansion candidates); a note already raw counts as found;
+  gists (the expansion candidates); a note already raw counts as found; mrr: the mean of
+  1 / that rank;
 - fact raw: after the refocus rounds a reply would run, every token of the note is raw;
 - look-alikes raw: the share of the sibling notes (same template, another name) shown raw
   after those rounds: each is one more candidate for the reader to confuse;
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from ..focus import FocusAllocator, WorkingContext
 from ..focus.scorers import HeuristicScorer
-from ..training.lens_train import answer_entries, hits
+from ..training.lens_train import answer_entries, answer_rank
 
 SCORERS = ("lensnet", "heuristic", "recency", "random")
 MAX_NEW_TOKENS = 32
@@ -99,6 +100,7 @@ def run(sizes: list[int], tasks: dict[int, int], split: str, seed: int, options:
                 t0 = time.perf_counter()
                 scores = scorer.score(wc, tree, query)
                 score_ms = (time.perf_counter() - t0) * 1000
+                rank = answer_rank(scores, levels, answer)
                 after = refocused(engine, scorer, wc, tree, query, budget)
                 lv = after.level_map(tree.n_tokens)
                 raw = _note_raw(s, task, lv)
@@ -107,8 +109,9 @@ def run(sizes: list[int], tasks: dict[int, int], split: str, seed: int, options:
                         "task": task.id,
                         "size": size,
                         "scorer": name,
-                        "hit@1": hits(scores, levels, answer, 1),
-                        "hit@4": hits(scores, levels, answer, 4),
+                        "rank": rank,
+                        "hit@1": rank <= 1,
+                        "hit@4": rank <= 4,
                         "fact_raw": raw,
                         "lookalikes_raw": _lookalikes_raw(s, task, lv),
                         "used": len(after) / budget,
@@ -160,6 +163,7 @@ def summarize(rows: list[dict], sizes: list[int]) -> dict:
                 "tasks": len(sel),
                 "hit@1": round(float(np.mean([r["hit@1"] for r in sel])), 3),
                 "hit@4": round(float(np.mean([r["hit@4"] for r in sel])), 3),
+                "mrr": round(float(np.mean([1.0 / r["rank"] for r in sel])), 3),
                 "fact_raw": round(float(np.mean([r["fact_raw"] for r in sel])), 3),
                 "lookalikes_raw": round(float(np.mean([r["lookalikes_raw"] for r in sel])), 3),
                 "used": round(float(np.mean([r["used"] for r in sel])), 3),
@@ -170,14 +174,15 @@ def summarize(rows: list[dict], sizes: list[int]) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        f"{'scorer':<10} {'size':>6} {'tasks':>5} {'hit@1':>6} {'hit@4':>6} {'fact raw':>8} "
+        f"{'scorer':<10} {'size':>6} {'tasks':>5} {'hit@1':>6} {'hit@4':>6} {'mrr':>5} "
+        f"{'fact raw':>8} "
         f"{'look-alikes raw':>15} {'used':>5} {'score ms':>8}"
     ]
     for name, by_size in result["summary"].items():
         for size, m in by_size.items():
             lines.append(
                 f"{name:<10} {size:>6} {m['tasks']:>5} {m['hit@1']:>6.2f} {m['hit@4']:>6.2f} "
-                f"{m['fact_raw']:>8.2f} {m['lookalikes_raw']:>15.2f} {m['used']:>5.2f} "
+                f"{m['mrr']:>5.2f} {m['fact_raw']:>8.2f} {m['lookalikes_raw']:>15.2f} {m['used']:>5.2f} "
                 f"{m['score_ms']:>8.1f}"
             )
     return "\n".join(lines)

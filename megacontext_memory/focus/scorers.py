@@ -11,7 +11,7 @@ note level by level. Counting query tokens anywhere in a wide span instead says 
 (a token found in 2% of blocks is in half of all 1,024-token spans); that rule
 (`window_blocks=0`: a token is evidence only for spans narrow enough not to hold it by
 chance, `max_span_chance`) left gists wider than a few thousand tokens unscored, and the
-note they hid out of reach. It stays as the `lexical` feature LensNet was trained with.
+note they hid out of reach. LensNet reads both, as its `lexical` and `window` features.
 
 Relevance is signed. Notes often share one template and differ in a name ("the deadline
 for the Marwick project is ...", "... the Harwick project ..."); a small reader shown them
@@ -102,10 +102,7 @@ class HeuristicScorer:
         b0 = np.array([e.start // K for e in wc.entries])
         if self.window_blocks:
             nb = prefix.shape[1] - 1
-            starts = np.arange(nb)
-            ends = np.minimum(starts + self.window_blocks, nb)
-            found = (prefix[:, ends] - prefix[:, starts]) > 0  # [terms, windows]
-            window = (weight[:, None] * found).sum(0) / weight.sum()
+            found, window = self._windows(prefix, weight)
             # the question itself (the newest tokens) holds every query token: it is no rival
             asked = max(0, (tree.n_tokens - len(query) - K) // K - self.window_blocks + 1)
             window[self._lookalikes(found, weight, window, asked)] *= -1.0
@@ -127,6 +124,22 @@ class HeuristicScorer:
         spill[1:] = np.maximum(spill[1:], rel[:-1])
         spill[:-1] = np.maximum(spill[:-1], rel[1:])
         return np.where(rel < 0, rel, np.maximum(rel, self.neighbour_share * spill))
+
+    def _windows(self, prefix: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """found [terms, windows]: each informative query token in each window of
+        `window_blocks` blocks (window b starts at block b); and each window's IDF-weighted
+        share of the query."""
+        nb = prefix.shape[1] - 1
+        starts = np.arange(nb)
+        ends = np.minimum(starts + max(self.window_blocks, 1), nb)
+        found = (prefix[:, ends] - prefix[:, starts]) > 0
+        return found, (weight[:, None] * found).sum(0) / max(weight.sum(), 1e-12)
+
+    def window_matches(self, tree: MegaContextTree, query: list[int]) -> np.ndarray:
+        """Per block b, the share of the query's informative tokens found in blocks b to
+        b + `window_blocks` - 1 (unsigned; 0 everywhere when no token is informative)."""
+        prefix, weight, _ = self._presence(tree, query)
+        return self._windows(prefix, weight)[1]
 
     def _lookalikes(
         self, found: np.ndarray, weight: np.ndarray, window: np.ndarray, asked: int
@@ -176,11 +189,12 @@ class HeuristicScorer:
 class LensScorer:
     """LensNet's scores (`models/lensnet.py`), from inputs computed here at each refocus:
     the entries' tokens (raw blocks and L1 gists) or gists (wider nodes), matched against
-    the question's token embeddings, plus the heuristic's lexical match and the geometry."""
+    the question's token embeddings, plus the heuristic's lexical matches and the geometry."""
 
     def __init__(self, net, base):
         self.net, self.base = net.eval(), base
-        self.lexical = HeuristicScorer(window_blocks=0)  # the feature it was trained with
+        self.lexical = HeuristicScorer(window_blocks=0)  # the span rule
+        self.window = HeuristicScorer()  # the windowed, signed relevance
 
     @torch.no_grad()
     def inputs(self, wc: WorkingContext, tree: MegaContextTree, query: list[int]) -> dict:
@@ -219,6 +233,7 @@ class LensScorer:
         unit = torch.nn.functional.normalize(torch.as_tensor(vectors), dim=-1)
         features[:, FEATURES.index("cosine")] = (unit @ qmean).numpy()
         features[:, FEATURES.index("lexical")] = self.lexical.relevance(wc, tree, query)
+        features[:, FEATURES.index("window")] = self.window.relevance(wc, tree, query)
         ends = np.array([e.end for e in entries], np.float64)
         spans = np.array([e.end - e.start for e in entries], np.float64)
         features[:, FEATURES.index("distance")] = np.log2(1 + (tree.n_tokens - ends) / K)

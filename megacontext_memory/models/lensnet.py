@@ -3,7 +3,8 @@
     per entry: what the entry holds (its tokens' embeddings for a raw block or an L1 gist,
                its gist for a wider node) and cheap match signals against the question
                (per question token, the best cosine to the entry's tokens; the lexical
-               match of `HeuristicScorer`; distance to the end; level)
+               matches of `HeuristicScorer`, over the whole span and in the best window
+               of two blocks inside it, signed for look-alikes; distance to the end; level)
             -> an MLP, then one layer of self-attention across the entries, so an entry
                is scored against the others (one of four look-alike notes is the one asked
                about, not all four)
@@ -29,6 +30,10 @@ FEATURES = (
     "distance",  # log2(1 + tokens from the entry's end to the history's end, in blocks)
     "width",  # log2 of the span in blocks
     "raw",  # 1 for a raw block
+    # HeuristicScorer's default relevance: the best window of 2 blocks inside the entry,
+    # negative for a look-alike. It reaches into gists of any width, which the span rule
+    # above leaves unscored beyond a few thousand tokens.
+    "window",
 )
 LEVELS = 4  # levels 0, 1, 2 and 3+ have an embedding each
 

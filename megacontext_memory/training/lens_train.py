@@ -5,16 +5,19 @@ Labels. For a task (a long history with look-alike facts, then a question), the 
 built as the engine builds it and its working context taken as the first refocus sees it.
 Every block of the history is then shown raw (with the block after it, as notes straddle
 block edges), alone, before the question, and the label is how much that lowers the
-negative log-likelihood of the answer against the question asked with no block at all: ΔNLL = NLL(answer | question) - NLL(answer | block, question), all
-blocks of a task in batched forward passes. An entry's label is its block's; a gist wider
-than a block takes the best of its blocks (expanding it is the way to that block). One
-`.npz` per task, so labelling resumes where it stopped. Only the dev split is used; the
-test split stays for `megacontext eval-focus` and `megacontext bench memory`.
+negative log-likelihood of the answer against the question asked with no block at all:
+ΔNLL = NLL(answer | question) - NLL(answer | block, question), all blocks of a task in
+batched forward passes (beyond `LABEL_EVERY_BLOCK` blocks, only the blocks holding an
+informative word of the question). An entry's label is its block's; a gist wider than a
+block takes the best of its blocks (expanding it is the way to that block). One `.npz` per
+task, so labelling resumes where it stopped. Only the dev split is used; the test split
+stays for `megacontext eval-focus` and `megacontext bench memory`.
 
 Fit. Per snapshot, the scores' softmax is fitted to the labels' softmax (cross-entropy,
 temperature `--temperature`), plus a small regression term so scores keep their sign
 (a filler block's label is about 0). Tasks whose index is 0 mod 5 are held out of the
-fit to pick the step count; the checkpoint records hit@1/hit@4 there.
+fit to pick the step count (by hit@4, then hit@1, then the answer's mean reciprocal
+rank); the checkpoint records them there.
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ import torch
 from tqdm import tqdm
 
 from ..config import BLOCK_SIZE as K
+from ..focus.scorers import HeuristicScorer
 from ..models.checkpoint import LENS_SHIPPED, base_meta, save_lensnet
 from ..models.lensnet import FEATURES, LensNet
 
-DEFAULT_TASKS = {2000: 60, 8000: 16}
+DEFAULT_TASKS = {2000: 60, 8000: 16, 32000: 12}
+# Longer histories label only the block pairs that hold one of the question's informative
+# tokens (`HeuristicScorer.window_matches`); the others get 0, which is what every pair
+# without them gets in the short histories labelled whole (about 0).
+LABEL_EVERY_BLOCK = 300
 
 
 def answer_entries(session, task, entries) -> np.ndarray:
@@ -53,9 +61,17 @@ def answer_entries(session, task, entries) -> np.ndarray:
 
 
 @torch.no_grad()
-def block_utilities(base, blocks: np.ndarray, question: str, answer: str, batch: int = 32):
+def block_utilities(
+    base,
+    blocks: np.ndarray,
+    question: str,
+    answer: str,
+    batch: int = 32,
+    only: np.ndarray | None = None,
+):
     """ΔNLL of `answer` per block [nb]: the question alone vs the block raw before it
-    (with the block after it, so a note cut by a block edge is whole)."""
+    (with the block after it, so a note cut by a block edge is whole). With `only` [nb]
+    (bool), the other blocks are not run and get 0."""
     prompt = base.encode(base.render_message("user", question))
     prompt += base.encode(base.generation_prompt())
     ans = base.encode(answer)
@@ -69,11 +85,14 @@ def block_utilities(base, blocks: np.ndarray, question: str, answer: str, batch:
 
     # A note often straddles two blocks: block b is shown with the block after it.
     pairs = np.concatenate([blocks, np.roll(blocks, -1, 0)], 1)[: max(len(blocks) - 1, 0)]
+    run = np.arange(len(pairs)) if only is None else np.flatnonzero(only[: len(pairs)])
     alone = nll([prompt + ans])[0]
-    rows = [[*p.tolist(), *prompt, *ans] for p in pairs]
+    rows = [[*pairs[b].tolist(), *prompt, *ans] for b in run]
     out = [nll(rows[i : i + batch]) for i in range(0, len(rows), batch)]
-    utility = alone - np.concatenate(out) if out else np.zeros(0)
-    return np.append(utility, 0.0)[: len(blocks)]  # the last block: no pair, no label
+    utility = np.zeros(len(blocks), np.float64)  # the last block: no pair, no label
+    if out:
+        utility[run] = alone - np.concatenate(out)
+    return utility
 
 
 def label_task(engine, scorer, task, path: Path) -> None:
@@ -88,12 +107,16 @@ def label_task(engine, scorer, task, path: Path) -> None:
         tree = session.tree
         n_blocks = tree.n_tokens // K
         blocks = tree.tokens(0, n_blocks * K).reshape(-1, K)
-        utility = block_utilities(engine.base, blocks, task.question, task.answers[0])
+        query = engine.base.encode(task.question)
+        only = None
+        if n_blocks > LABEL_EVERY_BLOCK:  # only pairs holding a rare word of the question
+            only = HeuristicScorer().window_matches(tree, query)[:n_blocks] > 0
+        utility = block_utilities(engine.base, blocks, task.question, task.answers[0], only=only)
         labels = np.zeros(len(wc.entries), np.float32)
         for j, e in enumerate(wc.entries):
             lo, hi = e.start // K, min(-(-e.end // K), n_blocks)
             labels[j] = utility[lo:hi].max() if hi > lo else 0.0
-        x = scorer.inputs(wc, tree, engine.base.encode(task.question))
+        x = scorer.inputs(wc, tree, query)
         tmp = path.with_suffix(".tmp.npz")
         np.savez(
             tmp,
@@ -131,7 +154,16 @@ def make_labels(out: Path, sizes: dict[int, int], seed: int, engine_options: dic
 
 # ---- fit ---------------------------------------------------------------------------------
 def _load(paths: list[Path]) -> list[dict]:
-    return [dict(np.load(p)) | {"name": p.stem} for p in paths]
+    out = []
+    for p in paths:
+        x = dict(np.load(p)) | {"name": p.stem}
+        if x["features"].shape[1] != len(FEATURES):
+            raise ValueError(
+                f"{p} holds {x['features'].shape[1]} features per entry, LensNet reads "
+                f"{len(FEATURES)} ({', '.join(FEATURES)}): label into a new folder (--labels)"
+            )
+        out.append(x)
+    return out
 
 
 def _batch(examples: list[dict]):
@@ -160,25 +192,37 @@ def _scores(net: LensNet, b: dict) -> torch.Tensor:
     return net(b["vectors"], b["query"], b["features"], b["levels"], b["mask"])
 
 
-def hits(scores: np.ndarray, levels: np.ndarray, answer: np.ndarray, k: int) -> bool:
-    """Whether an entry of the answer's note is among the `k` best-scored gists (the
-    expansion candidates); a note already raw counts as found."""
+def answer_rank(scores: np.ndarray, levels: np.ndarray, answer: np.ndarray) -> int:
+    """Where the answer's note first comes among the gists (the expansion candidates)
+    ordered by score, ties in working-context order: 1 = the best; 1 as well when the note
+    is already raw."""
     if (levels[answer] == 0).any():
-        return True
+        return 1
     gists = np.flatnonzero(levels > 0)
-    best = gists[np.argsort(-scores[gists], kind="stable")[:k]]
-    return bool(np.isin(answer, best).any())
+    order = gists[np.argsort(-scores[gists], kind="stable")]
+    return 1 + int(np.flatnonzero(np.isin(order, answer))[0])
+
+
+def hits(scores: np.ndarray, levels: np.ndarray, answer: np.ndarray, k: int) -> bool:
+    """Whether an entry of the answer's note is among the `k` best-scored gists."""
+    return answer_rank(scores, levels, answer) <= k
 
 
 def evaluate(net: LensNet, examples: list[dict]) -> dict:
+    """hit@1, hit@4 and the mean reciprocal rank of the answer's note among the gists."""
     with torch.no_grad():
-        found = {1: 0, 4: 0}
+        ranks = []
         for x in examples:
             s = _scores(net, _batch([x]))[0, : len(x["labels"])].numpy()
-            for k in found:
-                found[k] += hits(s, x["levels"], x["answer"], k)
-    n = max(len(examples), 1)
-    return {"tasks": len(examples), "hit@1": found[1] / n, "hit@4": found[4] / n}
+            ranks.append(answer_rank(s, x["levels"], x["answer"]))
+    r = np.asarray(ranks, np.float64)
+    n = max(len(r), 1)
+    return {
+        "tasks": len(r),
+        "hit@1": float((r <= 1).sum() / n),
+        "hit@4": float((r <= 4).sum() / n),
+        "mrr": round(float((1.0 / r).sum() / n), 4),
+    }
 
 
 def fit(
@@ -189,7 +233,7 @@ def fit(
     width = examples[0]["vectors"].shape[1]
     net = LensNet(width)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    best, best_state, log = (-1.0, -1.0), None, []
+    best, best_state, log = (-1.0, -1.0, -1.0), None, []
     for step in tqdm(range(1, steps + 1), desc="train-lens", unit="step"):
         b = _batch(rng.sample(examples, min(8, len(examples))))
         pred = _scores(net, b)
@@ -205,8 +249,8 @@ def fit(
         if step % 50 == 0 or step == steps:
             m = evaluate(net, held)
             log.append({"step": step, "loss": round(loss.item(), 4), **m})
-            if (m["hit@4"], m["hit@1"]) > best:
-                best = (m["hit@4"], m["hit@1"])
+            if (m["hit@4"], m["hit@1"], m["mrr"]) > best:
+                best = (m["hit@4"], m["hit@1"], m["mrr"])
                 best_state = {k: v.clone() for k, v in net.state_dict().items()}
     net.load_state_dict(best_state)
     return net, log
@@ -225,6 +269,9 @@ def train_lens_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tasks-8k", type=int, default=DEFAULT_TASKS[8000], help="dev tasks of 8k tokens"
     )
+    p.add_argument(
+        "--tasks-32k", type=int, default=DEFAULT_TASKS[32000], help="dev tasks of 32k tokens"
+    )
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--temperature", type=float, default=0.5)
@@ -233,7 +280,7 @@ def train_lens_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(LENS_SHIPPED), help="checkpoint path (no suffix)")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    sizes = {2000: args.tasks_2k, 8000: args.tasks_8k}
+    sizes = {2000: args.tasks_2k, 8000: args.tasks_8k, 32000: args.tasks_32k}
     t0 = time.perf_counter()
     # The labels never read a gist; LensNet's inputs read only gists wider than a block
     # (made from GistNet's level-1 gists), so the refinement of shown level-1 gists is off.
