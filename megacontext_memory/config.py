@@ -42,6 +42,10 @@ class Config:
     gist_refine_steps: int = 2
     gist_refine_lr: float = 0.01
     gist_refine_tokens: int = 4
+    # At most this many level-1 gists are fitted per turn (about 0.15 s each on a 2-core
+    # CPU); newly shown gists beyond it are shown as GistNet made them until the focus
+    # next moves them, so a turn that opens a wide span does not stall.
+    gist_refine_per_turn: int = 16
     position_convention: str = "compact"
     scorer: str = "heuristic"  # or "lensnet" (the trained LensNet; see `eval-focus`)
     # Gists above this level still tile the history (scored, expanded, collapsed) but are
@@ -72,6 +76,10 @@ class Config:
             raise ValueError(f"recency_tokens must be >= 1, got {self.recency_tokens}")
         if self.max_moves < 1 or self.cooldown < 0 or self.refocus_rounds < 1:
             raise ValueError("max_moves >= 1, cooldown >= 0 and refocus_rounds >= 1 are required")
+        if self.gist_refine_per_turn < 1:
+            raise ValueError(
+                f"gist_refine_per_turn must be at least 1, got {self.gist_refine_per_turn}"
+            )
         if self.gist_refine_steps < 0 or not self.gist_refine_lr > 0 or self.gist_refine_tokens < 1:
             raise ValueError(
                 "gist_refine_steps >= 0, gist_refine_lr > 0 and gist_refine_tokens >= 1 are "

@@ -311,6 +311,16 @@ class Session:
             self.wc.extend(self.tree.n_tokens)
             self._fit(self.config.working_budget)
 
+    def _refine_shown(self) -> None:
+        """Fit the level-1 gists shown for the first time, at most `gist_refine_per_turn`
+        of them, the newest first: they sit nearest the question. The rest are shown
+        plain (`WorkingContext.plain`) until the focus moves them."""
+        shown = [e.index for e in self.wc if e.level == 1]
+        self.wc.plain.intersection_update(shown)
+        todo = self.tree.unrefined([i for i in shown if i not in self.wc.plain])
+        self.wc.plain.update(todo[: max(0, len(todo) - self.config.gist_refine_per_turn)])
+        self.tree.shown_gists(1, shown, self.wc.plain)
+
     # ---- reads ------------------------------------------------------------------------
     def messages(self, role: str | None = None) -> list[Message]:
         """The lossless message log (only `role`'s messages when given), oldest first."""
@@ -461,7 +471,7 @@ class Session:
                     self.allocator.fit(self.wc, self.tree, budget)
                 n = self.tree.n_tokens
                 with tel.timed("gist"):  # level-1 gists shown for the first time are refined
-                    self.tree.shown_gists(1, [e.index for e in self.wc if e.level == 1])
+                    self._refine_shown()
                 with tel.timed("prefill"):
                     gister = self.engine.gister
                     version = f"{gister.version}+{gister.refine_version}@{self.store.incarnation}"

@@ -16,6 +16,9 @@ long history are only ever seen inside a level-2 gist, so most are never refined
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -130,6 +133,7 @@ class Gister:
             for j in group:
                 j.result, j.done = out[start : start + j.rows], True
                 start += j.rows
+        _release_freed_memory()
 
     @torch.no_grad()
     def _compute(self, level: int, group: list[_Job]) -> np.ndarray:
@@ -153,3 +157,18 @@ class Gister:
                 g = g.to(torch.bfloat16)
             out.append(g.float().cpu().numpy().astype(self.np_dtype))
         return np.concatenate(out)
+
+
+@functools.cache
+def _malloc_trim():
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the system. A batch's activations (several hundred MB
+    in a refinement) are freed into glibc's arenas, which keep them otherwise, so a process
+    would hold its peak for good. Elsewhere (no glibc) this does nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

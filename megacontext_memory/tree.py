@@ -13,7 +13,7 @@ cache of refined gists.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -121,17 +121,27 @@ class MegaContextTree:
         rows = [self.store.gists(level, int(r[0]), int(r[-1]) + 1, version=v) for r in runs]
         return np.concatenate(rows)[np.searchsorted(have, wanted)].astype(np.float32)
 
-    def shown_gists(self, level: int, indices: list[int]) -> np.ndarray:
+    def unrefined(self, indices: list[int]) -> list[int]:
+        """The level-1 gists among `indices` that have no fit yet, in memory or in the
+        store (a session's first block never gets one); [] when no refinement is set."""
+        if not self.gister.refine_version:
+            return []
+        todo = [i for i in dict.fromkeys(indices) if i > 0 and i not in self._refined]
+        if todo:
+            self._refined.update(self.store.refined(todo, self.gister.refine_version))
+        return [i for i in todo if i not in self._refined]
+
+    def shown_gists(
+        self, level: int, indices: list[int], plain: Collection[int] = ()
+    ) -> np.ndarray:
         """Gists [len(indices), d] as a working context shows them: level-1 gists refined in
         the context of the block before each (all but a session's first block), refined now
-        where no earlier turn (of any process) did; other levels as stored."""
+        where no earlier turn (of any process) did, except those in `plain`, shown as
+        GistNet made them; other levels as stored."""
         fit = self.gister.refine_version
         if level != 1 or not fit:
             return self.gist_vectors(level, indices)
-        todo = [i for i in dict.fromkeys(indices) if i > 0 and i not in self._refined]
-        if todo:
-            self._refined.update(self.store.refined(todo, fit))
-            todo = [i for i in todo if i not in self._refined]
+        todo = [i for i in self.unrefined(indices) if i not in plain]
         if todo:
             blocks = np.stack([self._tokens[i * K : (i + 1) * K] for i in todo])
             context = np.stack([self._tokens[(i - 1) * K : i * K] for i in todo])
@@ -141,7 +151,7 @@ class MegaContextTree:
             self._refined.update(fresh)
         out = self.gist_vectors(1, indices)
         for row, i in enumerate(indices):
-            if i in self._refined:
+            if i in self._refined and i not in plain:
                 out[row] = self._refined[i] = self._refined.pop(i)  # now the newest used
         while len(self._refined) > REFINED_KEPT:  # drop the least recently shown
             del self._refined[next(iter(self._refined))]

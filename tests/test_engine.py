@@ -171,7 +171,8 @@ def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(
     block before it when a working context first shows it, and the fit is kept in the
     store for every later turn and process. Changing the fit re-fits, never re-gists."""
     store = tmp_path / "st"
-    engine = engine_factory(store=store, working_budget=256)  # the fit is on by default
+    # the fit is on by default; the cap is lifted so this turn fits every gist it shows
+    engine = engine_factory(store=store, working_budget=256, gist_refine_per_turn=64)
     plain = engine_factory(store=tmp_path / "plain", working_budget=256, gist_refine_steps=0)
     assert engine.gister.version == plain.gister.version  # the fit is not in the store
     history = conversation(engine.base, 1200)
@@ -224,6 +225,42 @@ def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(
     t = other.session("s").tree  # the same GistNet: opened without re-gisting
     assert not t.store.refined(shown, other.gister.refine_version)
     assert _cosine(t.shown_gists(1, shown[1:]), shown_now[1:]).min() < 0.9999
+
+
+def test_a_turn_fits_at_most_gist_refine_per_turn_gists_and_shows_the_rest_plain(
+    engine_factory,
+):
+    """A turn that shows many level-1 gists for the first time fits only the newest
+    `gist_refine_per_turn`; the others are shown as GistNet made them, marked in the KV
+    keys, and stay so while they stay shown, so no later turn re-prefills for them."""
+    engine = engine_factory(working_budget=256, gist_refine_per_turn=2)
+    s = engine.session("capped")
+    s.extend(conversation(engine.base, 1200))
+    s.generate(max_new_tokens=2)
+    fit = engine.gister.refine_version
+    shown = [e.index for e in s.wc if e.level == 1]
+    fitted = set(s.tree.store.refined(shown, fit))
+    assert len(fitted) == 2 and len(shown) >= 4
+    assert s.wc.plain == set(shown) - fitted - {0}
+    assert max(s.wc.plain) < min(fitted)  # the newest, nearest the question, are fitted
+    vecs, stored = s.tree.shown_gists(1, shown, s.wc.plain), s.tree.gist_vectors(1, shown)
+    for row, i in enumerate(shown):
+        same = np.array_equal(vecs[row], stored[row])
+        assert same == (i not in fitted), i  # plain ones (and block 0) as stored
+    keys = s.wc.position_keys(s.tree, "v")
+    assert sum(1 for k in keys if k[0] == 1 and k[3]) == len(s.wc.plain)
+
+    plain = set(s.wc.plain)
+    for question in ("And then?", "Tell me more about it."):
+        s.append("user", question)
+        before = set(s.tree.store.refined(list(range(s.tree.count(1))), fit))
+        s.generate(max_new_tokens=2)
+        now = [e.index for e in s.wc if e.level == 1]
+        after = set(s.tree.store.refined(list(range(s.tree.count(1))), fit))
+        assert len(after - before) <= 2
+        assert plain & set(now) <= s.wc.plain <= set(now)  # plain while shown
+        assert not s.wc.plain & after
+        plain = set(s.wc.plain)
 
 
 def test_the_newest_system_prompt_of_each_slot_stays_raw(engine_factory):

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+from megacontext_memory.config import Config
 from megacontext_memory.engine import split_text
 from megacontext_memory.gisting import Gister
 from megacontext_memory.operations.transfer import (
@@ -283,3 +284,12 @@ def test_import_replace_builds_aside_and_swaps_or_leaves_the_original(
     rep = fsck(tmp_path / "st")
     assert rep.clean and not rep.notes, rep.lines()
     assert json.loads(json.dumps(got))  # still a plain, serialisable log
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("gist_refine_per_turn", 0), ("recency_tokens", 0), ("working_budget", 64), ("scorer", "x")],
+)
+def test_config_refuses_a_bad_value_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})

@@ -5,6 +5,10 @@ gist (level >= 1: one tree node, one position). The newest, incomplete block is 
 
 With `shown_levels` set, gists above that level still tile the history (the focus scores,
 expands and collapses them) but the reader is not shown them, and they cost no position.
+
+`plain` names the level-1 gists shown as GistNet made them, not refined in their context
+(a turn fits at most `Config.gist_refine_per_turn`). They stay plain while they stay in the
+context, so the KV cache of what follows them stays valid; the focus moving one drops it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class WorkingContext:
     def __init__(self, entries: list[Entry] | None = None, shown_levels: int | None = None):
         self.entries: list[Entry] = list(entries or [])
         self.shown_levels = shown_levels  # None: every level is shown
+        self.plain: set[int] = set()  # level-1 gists shown unrefined (see the module doc)
 
     def shown(self, e: Entry) -> bool:
         return self.shown_levels is None or e.level <= self.shown_levels
@@ -133,19 +138,20 @@ class WorkingContext:
                 toks = tree.tokens(e.start, e.end)
                 keys.extend((0, e.start + i, int(t)) for i, t in enumerate(toks))
             else:
-                keys.append((e.level, e.index, version))
+                keys.append((e.level, e.index, version, e.level == 1 and e.index in self.plain))
         return keys
 
     def embeddings(self, tree: MegaContextTree, base) -> torch.Tensor:
         """[positions, d] inputs_embeds: token embeddings for raw entries, gists as shown
-        (`MegaContextTree.shown_gists`: level-1 gists refined in their context)."""
+        (`MegaContextTree.shown_gists`: level-1 gists refined in their context, but those
+        in `plain`)."""
         parts: list[torch.Tensor] = []
         for level, run in _runs(list(filter(self.shown, self.entries))):
             if level == 0:
                 ids = tree.tokens(run[0].start, run[-1].end)
                 parts.append(base.embed(torch.as_tensor(ids)))
             else:
-                vecs = tree.shown_gists(level, [e.index for e in run])
+                vecs = tree.shown_gists(level, [e.index for e in run], self.plain)
                 parts.append(torch.as_tensor(vecs, device=base.device))
         if not parts:
             return torch.zeros(0, base.width, device=base.device)
