@@ -38,8 +38,11 @@ class Config:
     # model continues after it as after its block, in the context of the block before it
     # (0: GistNet's gists as they are); the target is the model's own greedy continuation,
     # `gist_refine_tokens` long. The fit is kept beside the stored gists, not instead of
-    # them. See `refine_gists` and `MegaContextTree.shown_gists`.
-    gist_refine_steps: int = 2
+    # them. See `refine_gists` and `MegaContextTree.shown_gists`. Off by default: 2 steps
+    # lift held-out level-1 recovery (0.58 -> 0.64 after a raw block, 0.12 -> 0.15 after
+    # gists) but changed no answer of the memory benchmark's 72 dev tasks and doubled the
+    # turn (README, "Cost per turn").
+    gist_refine_steps: int = 0
     gist_refine_lr: float = 0.01
     gist_refine_tokens: int = 4
     # At most this many level-1 gists are fitted per turn (about 0.15 s each on a 2-core

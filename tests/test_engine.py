@@ -171,9 +171,10 @@ def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(
     block before it when a working context first shows it, and the fit is kept in the
     store for every later turn and process. Changing the fit re-fits, never re-gists."""
     store = tmp_path / "st"
-    # the fit is on by default; the cap is lifted so this turn fits every gist it shows
-    engine = engine_factory(store=store, working_budget=256, gist_refine_per_turn=64)
-    plain = engine_factory(store=tmp_path / "plain", working_budget=256, gist_refine_steps=0)
+    # the fit is an option (off by default); the cap is lifted so this turn fits every gist
+    fitting = {"working_budget": 256, "gist_refine_steps": 2}
+    engine = engine_factory(store=store, gist_refine_per_turn=64, **fitting)
+    plain = engine_factory(store=tmp_path / "plain", working_budget=256)
     assert engine.gister.version == plain.gister.version  # the fit is not in the store
     history = conversation(engine.base, 1200)
     s, p = engine.session("s"), plain.session("s")
@@ -211,7 +212,7 @@ def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(
     def no_refinement(*args):
         raise AssertionError("refined again")
 
-    again = engine_factory(store=store, working_budget=256).session("s")
+    again = engine_factory(store=store, **fitting).session("s")
     again.tree.gister = copy.copy(again.tree.gister)
     again.tree.gister.refine = no_refinement  # another process reuses the stored fit
     assert np.array_equal(again.tree.shown_gists(1, shown), shown_now)
@@ -221,7 +222,7 @@ def test_level1_gists_are_refined_when_first_shown_and_the_fit_is_kept(
     assert list(again.tree._refined) == [i for i in shown if i > 0][-2:]
     assert np.array_equal(again.tree.shown_gists(1, shown), shown_now)
 
-    other = engine_factory(store=store, working_budget=256, gist_refine_lr=0.02)
+    other = engine_factory(store=store, gist_refine_lr=0.02, **fitting)
     t = other.session("s").tree  # the same GistNet: opened without re-gisting
     assert not t.store.refined(shown, other.gister.refine_version)
     assert _cosine(t.shown_gists(1, shown[1:]), shown_now[1:]).min() < 0.9999
@@ -233,7 +234,7 @@ def test_a_turn_fits_at_most_gist_refine_per_turn_gists_and_shows_the_rest_plain
     """A turn that shows many level-1 gists for the first time fits only the newest
     `gist_refine_per_turn`; the others are shown as GistNet made them, marked in the KV
     keys, and stay so while they stay shown, so no later turn re-prefills for them."""
-    engine = engine_factory(working_budget=256, gist_refine_per_turn=2)
+    engine = engine_factory(working_budget=256, gist_refine_steps=2, gist_refine_per_turn=2)
     s = engine.session("capped")
     s.extend(conversation(engine.base, 1200))
     s.generate(max_new_tokens=2)

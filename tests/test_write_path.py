@@ -118,7 +118,7 @@ def test_sessions_of_one_process_share_gisting_batches(engine_factory, tmp_path)
 
 def test_half_precision_model(engine_factory):
     """The path CUDA takes by default (a half-precision model), run on the CPU in bfloat16."""
-    e = engine_factory(model_dtype="bfloat16", working_budget=256)
+    e = engine_factory(model_dtype="bfloat16", working_budget=256, gist_refine_steps=2)
     assert next(e.base.model.parameters()).dtype.is_floating_point
     assert str(next(e.base.model.parameters()).dtype) == "torch.bfloat16"
     s = e.session("half")
