@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .config import Config
 from .focus import FocusAllocator, HeuristicScorer, WorkingContext
 from .focus.scorers import LensScorer
-from .gisting import Gister
+from .gisting import Gister, release_freed_memory
 from .models.base import ROLES, BaseModel
 from .models.checkpoint import LENS_SHIPPED, SHIPPED, load_gist_stack, load_lensnet
 from .models.gistnet import GistStack
@@ -204,7 +204,9 @@ class Session:
             except (TypeError, ValueError) as e:
                 raise type(e)(f"message {i}: {e}") from None
             batch.append((role, content, metadata or {}))
-        return self._append(batch, progress)
+        out = self._append(batch, progress)
+        release_freed_memory()  # the token lists of a long import, freed but still resident
+        return out
 
     def _is_current(self) -> bool:
         row = self.engine.store._row(self.store.key)

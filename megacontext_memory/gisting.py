@@ -133,7 +133,7 @@ class Gister:
             for j in group:
                 j.result, j.done = out[start : start + j.rows], True
                 start += j.rows
-        _release_freed_memory()
+        release_freed_memory()
 
     @torch.no_grad()
     def _compute(self, level: int, group: list[_Job]) -> np.ndarray:
@@ -165,10 +165,11 @@ def _malloc_trim():
     return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap pages back to the system. A batch's activations (several hundred MB
-    in a refinement) are freed into glibc's arenas, which keep them otherwise, so a process
-    would hold its peak for good. Elsewhere (no glibc) this does nothing."""
+    in a refinement) or a long import's token lists are freed into glibc's arenas, which
+    keep them otherwise, so a process would hold its peak for good. Elsewhere (no glibc)
+    this does nothing."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
