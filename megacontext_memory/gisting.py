@@ -10,8 +10,9 @@ for it).
 The in-context refinement of level-1 gists (`refine_gists`: the whole model forward and
 backward, about eight times GistNet's cost) is not part of ingest: the store holds
 GistNet's gists, which the level-2 net was trained on, and a level-1 gist is refined only
-when a working context first shows it (`MegaContextTree.shown_gists`). Most blocks of a
-long history are only ever seen inside a level-2 gist, so most are never refined.
+when a working context first shows it (`MegaContextTree.shown_gists`), and only with
+`Config.gist_refine_steps` > 0 (off by default). Most blocks of a long history are only ever
+seen inside a level-2 gist, so most are never refined.
 """
 
 from __future__ import annotations

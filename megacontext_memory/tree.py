@@ -6,9 +6,9 @@ in batches, every block and every group of 32 gists completed since it last ran,
 level (a refocus needs them, so the engine calls it before every turn). A crash in between
 loses nothing: the tokens are committed and the gists are made on the next call.
 
-The store holds GistNet's gists. A level-1 gist is shown refined in its context
-(`shown_gists`), fitted the first time a working context shows it and kept in the store's
-cache of refined gists.
+The store holds GistNet's gists. With a refinement set (`Config.gist_refine_steps`), a
+level-1 gist is shown refined in its context (`shown_gists`), fitted the first time a
+working context shows it and kept in the store's cache of refined gists.
 """
 
 from __future__ import annotations
