@@ -143,8 +143,8 @@ class WorkingContext:
 
     def embeddings(self, tree: MegaContextTree, base) -> torch.Tensor:
         """[positions, d] inputs_embeds: token embeddings for raw entries, gists as shown
-        (`MegaContextTree.shown_gists`: level-1 gists refined in their context, but those
-        in `plain`)."""
+        (`MegaContextTree.shown_gists`: level-1 gists refined in their context, except
+        those in `plain`)."""
         parts: list[torch.Tensor] = []
         for level, run in _runs(list(filter(self.shown, self.entries))):
             if level == 0:
