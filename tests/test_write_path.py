@@ -130,3 +130,16 @@ def test_half_precision_model(engine_factory):
     assert Store(e.store.path).open_session("half").counts()[1] == len(g)
     refined = s.tree.store.refined(list(range(len(g))), e.gister.refine_version)
     assert refined and all(np.isfinite(v).all() for v in refined.values())
+
+
+def test_encode_messages_matches_one_message_at_a_time_across_its_batches(base):
+    """Long imports are tokenised 1,024 messages at a time into uint32 arrays; the ids and
+    their order are those of tokenising each message alone."""
+    messages = [
+        ("user" if i % 2 else "assistant", f"note {i}: the code is {i * 7919}") for i in range(2100)
+    ]
+    encoded = base.encode_messages(messages)
+    assert len(encoded) == len(messages)
+    assert all(ids.dtype == np.uint32 for ids in encoded)
+    for i in (0, 1023, 1024, 2047, 2048, 2099):
+        assert encoded[i].tolist() == base.encode(base.render_message(*messages[i]))
