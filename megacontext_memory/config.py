@@ -41,7 +41,7 @@ class Config:
     # them. See `refine_gists` and `MegaContextTree.shown_gists`. Off by default: 2 steps
     # lift held-out level-1 recovery (0.58 -> 0.64 after a raw block, 0.12 -> 0.15 after
     # gists) but changed no answer of the memory benchmark's 72 dev tasks and doubled the
-    # turn (README, "Cost per turn").
+    # turn (README, "At most 16 a turn, and off by default").
     gist_refine_steps: int = 0
     gist_refine_lr: float = 0.01
     gist_refine_tokens: int = 4

@@ -472,7 +472,7 @@ class Session:
                 with tel.timed("allocate"):
                     self.allocator.fit(self.wc, self.tree, budget)
                 n = self.tree.n_tokens
-                with tel.timed("gist"):  # level-1 gists shown for the first time are refined
+                with tel.timed("gist"):  # with a refinement set: newly shown level-1 gists
                     self._refine_shown()
                 with tel.timed("prefill"):
                     gister = self.engine.gister
