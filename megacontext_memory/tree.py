@@ -141,7 +141,7 @@ class MegaContextTree:
         fit = self.gister.refine_version
         if level != 1 or not fit:
             return self.gist_vectors(level, indices)
-        todo = [i for i in self.unrefined(indices) if i not in plain]
+        todo = self.unrefined([i for i in indices if i not in plain])  # plain: no lookup
         if todo:
             blocks = np.stack([self._tokens[i * K : (i + 1) * K] for i in todo])
             context = np.stack([self._tokens[(i - 1) * K : i * K] for i in todo])
