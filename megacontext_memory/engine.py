@@ -169,6 +169,7 @@ class Session:
         self._pending = TurnTelemetry()
         self._kv = None
         self._kv_keys: list[tuple] = []
+        self._reply_start: int | None = None  # cache positions before the last reply
         self._query: list[int] | None = None
         self._lock = threading.RLock()
         self._turn: _Handoff | None = None  # the streamed turn holding the lock, if any
@@ -489,7 +490,7 @@ class Session:
                     with torch.no_grad():
                         logits, self._kv = base.forward(embeds[keep:][None], positions, self._kv)
                 tel.prefill_tokens, tel.reused_prefix = len(keys) - keep, keep
-                self._kv_keys = keys
+                self._kv_keys, self._reply_start = keys, len(keys)
                 out: list[str] = []
                 truncated = False
                 try:
@@ -523,10 +524,27 @@ class Session:
                 if not truncated or reply.strip():
                     self._finish_turn(tel, reply, {"truncated": True} if truncated else {})
             except BaseException:
-                self._kv, self._kv_keys = None, []  # a pass may have stopped halfway
+                self._kv, self._kv_keys, self._reply_start = None, [], None  # stopped halfway
                 raise
             finally:
                 self._turn = None
+
+    def reply_logprobs(self, candidates: list[str], lead: str = "") -> list[float]:
+        """How likely the reader found each candidate as the last reply's text after
+        `lead`: summed log-probabilities, read from the very context that reply was
+        prefilled from (the turn's KV cache). For evaluations: which answer the reader
+        preferred, not only the one greedy decoding wrote. Once per reply: the next turn
+        re-reads that reply instead of reusing its cache."""
+        base = self.engine.base
+        with self._held():
+            if self._kv is None or self._reply_start is None:
+                raise RuntimeError("no reply to score against: call generate() first")
+            start = self._reply_start - 1
+            last = self._kv_keys[start][2]  # the prompt's last token: its logits lead
+            self._kv.crop(start - self._kv.get_seq_length())  # keep the prompt less one
+            self._kv_keys, self._reply_start = self._kv_keys[:start], None
+            ids = [base.encode(c) for c in candidates]
+            return base.continuation_logprobs(self._kv, [last, *base.encode(lead)], ids)
 
     def _finish_turn(self, tel: TurnTelemetry, reply: str, metadata: dict) -> None:
         tel.turn = len(self.telemetry)

@@ -12,7 +12,12 @@ shows of the history (see `eval/tasks.py` for the tasks):
 
 A reply is correct when it names the latest value (any accepted form) and none of the
 distractors (the siblings' values, the superseded value); `answer_mentioned` counts replies
-that name it at all. Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
+that name it at all. `choice` asks the reader directly, without decoding: after the
+context the reply read and the answer's lead ("The door code for the Marwood storage room
+is"), does it give the latest value a higher log-probability than every other value stated
+in the history? It tells a focus that showed the note but lost the reader (a derailed
+reply, `choice` right) from one that showed a look-alike (`choice` wrong), with less noise
+than greedy replies. Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
 runs the grid); a grid on the test split is refused.
 
     megacontext bench memory --quick
@@ -33,6 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+
+import torch
 
 from ..baselines import SYSTEM_PROMPT, newest_that_fit, prompt_ids, read
 from ..config import SCORERS, Config
@@ -81,6 +88,7 @@ class Answer:
     positions: int  # positions the reader saw before its reply
     turn_s: float  # from the question to the end of the reply
     ingest_s: float | None = None  # building the memory from the history (None: no index)
+    logprobs: list[float] | None = None  # per stated value, after the task's answer lead
 
 
 class Bench:
@@ -139,7 +147,16 @@ class Bench:
     def _ask(self, messages: list[tuple[str, str]], task: Task, t0: float) -> Answer:
         ids = prompt_ids(self.base, [("system", SYSTEM_PROMPT), *messages, ("user", task.question)])
         reply = read(self.base, ids, self.max_new)
-        return Answer(reply, len(ids), time.perf_counter() - t0)
+        answer = Answer(reply, len(ids), time.perf_counter() - t0)
+        with torch.no_grad():
+            positions = torch.arange(len(ids) - 1, device=self.base.device)[None]
+            _, cache = self.base.forward(self.base.embed(ids[:-1])[None], positions)
+        lead = [ids[-1], *self.base.encode(task.lead)]
+        answer.logprobs = self.base.continuation_logprobs(cache, lead, self._values(task))
+        return answer
+
+    def _values(self, task: Task) -> list[list[int]]:
+        return [self.base.encode(text) for text in _endings(task)]
 
     def _frame(self, task: Task) -> int:
         """Tokens of the system prompt, the question and the reply's prompt."""
@@ -197,6 +214,7 @@ class Bench:
         turn = time.perf_counter() - t0
         prompt = len(self.base.encode(self.base.generation_prompt()))
         answer = Answer(reply, session.telemetry[-1].positions_used + prompt, turn, ingest)
+        answer.logprobs = session.reply_logprobs(_endings(task), task.lead)
         engine.delete_session(task.id)
         return answer
 
@@ -207,6 +225,12 @@ class Bench:
         for name in self.engines:
             answers[name] = self.megacontext(name, task)
         return answers
+
+
+def _endings(task: Task) -> list[str]:
+    """Each stated value as the end of the answer's sentence. The full stop matters: without
+    it "December 1" would outscore "December 10" by being shorter."""
+    return [f" {v}." for v in task.values]
 
 
 def row(task: Task, system: str, a: Answer | None) -> dict:
@@ -222,6 +246,10 @@ def row(task: Task, system: str, a: Answer | None) -> dict:
     if a is None:
         return out | {"skipped": "history longer than the model's context"}
     hit, wrong = mentions(a.reply, task.answers), mentions(a.reply, task.distractors)
+    if a.logprobs is not None:  # the reader's choice among the stated values (see module doc)
+        right = a.logprobs[task.answer_index]
+        rival = max(lp for i, lp in enumerate(a.logprobs) if i != task.answer_index)
+        out |= {"choice": right > rival, "choice_margin": round(right - rival, 3)}
     return out | {
         "reply": a.reply,
         "correct": hit and not wrong,
@@ -253,6 +281,7 @@ def summarize(rows: list[dict], systems: list[str], sizes: list[int]) -> dict:
                 "n": n,
                 "correct": k,
                 "answer_mentioned": round(sum(r["answer_mentioned"] for r in done) / n, 4),
+                "choice_accuracy": _share([r["choice"] for r in done if "choice" in r]),
                 "history_tokens": round(statistics.mean(r["tokens"] for r in done)),
                 "positions_used": round(statistics.mean(r["positions"] for r in done)),
                 "turn_latency_s": round(statistics.median(r["turn_s"] for r in done), 3),
@@ -262,6 +291,10 @@ def summarize(rows: list[dict], systems: list[str], sizes: list[int]) -> dict:
                 "seconds": round(sum(r["turn_s"] + (r["ingest_s"] or 0) for r in done), 1),
             }
     return out
+
+
+def _share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
 
 
 def table(result: dict) -> str:
@@ -285,6 +318,15 @@ def table(result: dict) -> str:
             else:
                 lo, hi = c["ci95"]
                 text = f"{c['accuracy']:.2f} [{lo:.2f},{hi:.2f}] ({c['n']})"
+            line += f"{text:>22}"
+        lines.append(line)
+    lines += ["", "choice: the latest value scored above every other stated value", head]
+    for system, cells in result["systems"].items():
+        line = f"{system:<22}"
+        for s in sizes:
+            c = cells.get(str(s))
+            share = c.get("choice_accuracy") if c else None
+            text = "" if share is None else f"{share:.2f} ({c['n']})"
             line += f"{text:>22}"
         lines.append(line)
     lines += ["", "positions used / median turn latency (s) / ingest tokens per s", head]

@@ -202,6 +202,7 @@ class Template:
     statements: tuple[str, ...]  # "{e}": the entity, "{v}": the value
     update: str
     question: str
+    lead: str  # how a reply that answers begins: the value follows it after a space
     value: Callable[[random.Random], str]
     forms: Callable[[str], tuple[str, ...]]  # accepted written forms of a value
 
@@ -215,6 +216,7 @@ TEMPLATES = (
         ),
         "Change of plan: the internal deadline for the {e} project has moved to {v}.",
         "What is the internal deadline for the {e} project?",
+        "The internal deadline for the {e} project is",
         _date,
         _date_forms,
     ),
@@ -226,6 +228,7 @@ TEMPLATES = (
         ),
         "Budget revision: the approved budget for the {e} project is now {v}.",
         "What is the approved budget for the {e} project?",
+        "The approved budget for the {e} project is",
         _money,
         _money_forms,
     ),
@@ -237,6 +240,7 @@ TEMPLATES = (
         ),
         "The door code for the {e} storage room was changed to {v}.",
         "What is the door code for the {e} storage room?",
+        "The door code for the {e} storage room is",
         _code,
         _code_forms,
     ),
@@ -248,6 +252,7 @@ TEMPLATES = (
         ),
         "Staffing update: the lead on the {e} account is now {v}.",
         "Who is the lead on the {e} account?",
+        "The lead on the {e} account is",
         _person,
         _person_forms,
     ),
@@ -259,6 +264,7 @@ TEMPLATES = (
         ),
         "My friend {e} has moved again, this time to {v}.",
         "Which city does my friend {e} live in?",
+        "Your friend {e} lives in",
         _pick(CITIES),
         _same,
     ),
@@ -270,6 +276,7 @@ TEMPLATES = (
         ),
         "The {e} clinic has a new phone number: {v}.",
         "What is the phone number of the {e} clinic?",
+        "The phone number of the {e} clinic is",
         _phone,
         _phone_forms,
     ),
@@ -281,6 +288,7 @@ TEMPLATES = (
         ),
         "My neighbour {e} renamed her dog; it is called {v} now.",
         "What is the name of my neighbour {e}'s dog?",
+        "Your neighbour {e}'s dog is called",
         _pick(PET_NAMES),
         _same,
     ),
@@ -404,6 +412,8 @@ class Task:
     answers: tuple[str, ...]  # accepted forms of the entity's latest value
     distractors: tuple[str, ...]  # forms of the siblings' values and of a superseded value
     values: tuple[str, ...]  # every value stated in the task (for the disjointness check)
+    answer_index: int  # the latest value's index in `values`
+    lead: str  # the start of a reply that answers, before the value (see `Template.lead`)
     updated: bool
     tokens: int  # the history's length in tokens
     tokens_back: int  # tokens between the message stating the answer and the question
@@ -468,6 +478,8 @@ class TaskGenerator:
             answers=tpl.forms(answer),
             distractors=tuple(f for v in others for f in tpl.forms(v)),
             values=tuple(values),
+            answer_index=values.index(answer),
+            lead=tpl.lead.format(e=names[target]),
             updated=updated,
             tokens=sum(lengths),
             tokens_back=sum(lengths[answer_at + 1 :]),

@@ -224,6 +224,34 @@ class BaseModel:
         return out.logits, cache
 
     @torch.no_grad()
+    def continuation_logprobs(
+        self, cache: DynamicCache, lead: list[int], candidates: list[list[int]]
+    ) -> list[float]:
+        """Summed log-probability of each candidate's tokens after a cached context and the
+        `lead` tokens that follow it (at least one: a cache keeps no logits). Each candidate
+        is read alone from the same cache, which is cropped back afterwards."""
+        if not lead:
+            raise ValueError("lead needs at least one token: the cache holds no logits")
+        if any(not ids for ids in candidates):
+            raise ValueError("every candidate needs at least one token")
+        start = cache.get_seq_length()
+        out = []
+        for ids in candidates:
+            seq = lead + ids
+            positions = torch.arange(start, start + len(seq), device=self.device)[None]
+            logits = self.model(
+                inputs_embeds=self.embed(seq)[None],
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=len(ids) + 1,
+                **{self.cache_kwarg: cache},
+            ).logits[0, :-1]
+            cache.crop(-len(seq))  # back to the context alone
+            logp = torch.log_softmax(logits.float(), -1)
+            out.append(float(logp[torch.arange(len(ids)), torch.as_tensor(ids)].sum()))
+        return out
+
+    @torch.no_grad()
     def stream(
         self,
         logits: torch.Tensor,
