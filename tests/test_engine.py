@@ -73,6 +73,43 @@ def test_generate_appends_reply_and_reuses_the_kv_prefix(engine_factory):
     assert second == s.messages()[-1].content
 
 
+def test_reply_logprobs_read_the_context_the_reply_was_prefilled_from(engine_factory):
+    engine = engine_factory()
+    scored, plain = engine.session("scored"), engine.session("plain")
+    with pytest.raises(RuntimeError, match="generate"):
+        scored.reply_logprobs([" 7391."])
+    for s in (scored, plain):
+        s.append("user", "My storage unit code is 7391. What is my storage unit code?")
+    reply = scored.generate(max_new_tokens=6)
+    assert plain.generate(max_new_tokens=6) == reply
+    base, used = engine.base, scored.telemetry[-1].positions_used
+    lead, endings = "Your storage unit code is", [" 7391.", " 1234."]
+    got = scored.reply_logprobs(endings, lead)
+    # By hand, in one pass without the cache: the context and prompt the reply read.
+    context = torch.cat(
+        [
+            scored.working_context().embeddings(scored.tree, base)[:used],
+            base.embed(base.encode(base.generation_prompt()) + base.encode(lead)),
+        ]
+    )
+    for ending, logprob in zip(endings, got, strict=True):
+        ids = base.encode(ending)
+        embeds = torch.cat([context, base.embed(ids)])
+        with torch.no_grad():
+            logits = base.model(
+                inputs_embeds=embeds[None], position_ids=torch.arange(len(embeds))[None]
+            ).logits[0, -len(ids) - 1 : -1]
+        want = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids)), ids].sum()
+        assert logprob == pytest.approx(float(want), abs=1e-3)
+    assert got[0] > got[1]  # the code the history states is the likelier
+    with pytest.raises(RuntimeError, match="generate"):  # once per reply
+        scored.reply_logprobs(endings, lead)
+    # The cache it cut back still serves the next turn: the same reply as never scored.
+    for s in (scored, plain):
+        s.append("user", "Thanks. And what was the code again?")
+    assert scored.generate(max_new_tokens=8) == plain.generate(max_new_tokens=8)
+
+
 def test_stream_matches_plain_generation(engine_factory):
     engine = engine_factory()
     a, b = engine.session("a"), engine.session("b")

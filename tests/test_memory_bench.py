@@ -46,6 +46,8 @@ def test_task_shape(generators):
         assert all(mentions(f, t.answers + t.distractors) for f in facts)
         assert t.tokens_back >= 0.1 * t.tokens
         assert all(len(text.split()) <= 200 for _, text in t.messages)
+        # The latest value completes the answer's lead, as a reply would write it.
+        assert mentions(t.values[t.answer_index], t.answers) and t.entity in t.lead
 
 
 def test_dev_and_test_share_no_names_values_or_filler(generators):
@@ -121,11 +123,14 @@ def test_end_to_end_at_two_sizes(tmp_path, capsys):
             c = cells[size]
             assert c["n"] >= 1 and 0 <= c["ci95"][0] <= c["accuracy"] <= c["ci95"][1] <= 1
             assert c["positions_used"] <= 1024 or cells is systems["full"]
+            assert 0 <= c["choice_accuracy"] <= 1
     assert systems["rag"]["2000"]["ingest_tokens_per_s"] > 0
     assert systems["megacontext"]["3000"]["ingest_tokens_per_s"] > 0
     png = out / "memory_bench.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in (out / "rows.jsonl").open()]
+    for r in rows:  # every system that replied also scored the stated values
+        assert "skipped" in r or isinstance(r["choice"], bool) and "choice_margin" in r
     assert len(rows) == 5 * sum(
         json.loads((out / "memory_bench.json").read_text())["tasks_per_size"].values()
     )
