@@ -16,8 +16,7 @@ that name it at all. `choice` asks the reader directly, without decoding: after 
 context the reply read and the answer's lead ("The door code for the Marwood storage room
 is"), does it give the latest value a higher log-probability than every other value stated
 in the history? It tells a focus that showed the note but lost the reader (a derailed
-reply, `choice` right) from one that showed a look-alike (`choice` wrong), with less noise
-than greedy replies. Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
+reply, `choice` right) from one that showed a look-alike (`choice` wrong). Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
 runs the grid); a grid on the test split is refused.
 
     megacontext bench memory --quick
