@@ -151,11 +151,9 @@ class Bench:
             positions = torch.arange(len(ids) - 1, device=self.base.device)[None]
             _, cache = self.base.forward(self.base.embed(ids[:-1])[None], positions)
         lead = [ids[-1], *self.base.encode(task.lead)]
-        answer.logprobs = self.base.continuation_logprobs(cache, lead, self._values(task))
+        endings = [self.base.encode(text) for text in _endings(task)]
+        answer.logprobs = self.base.continuation_logprobs(cache, lead, endings)
         return answer
-
-    def _values(self, task: Task) -> list[list[int]]:
-        return [self.base.encode(text) for text in _endings(task)]
 
     def _frame(self, task: Task) -> int:
         """Tokens of the system prompt, the question and the reply's prompt."""
