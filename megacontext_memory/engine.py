@@ -528,6 +528,10 @@ class Session:
                 raise
             finally:
                 self._turn = None
+                # The prefill's activations are freed into the allocator's arenas, which
+                # would keep the largest turn's worth resident for good (a stream's pieces
+                # are all handed over by now: this runs on the turn's thread).
+                release_freed_memory()
 
     def reply_logprobs(self, candidates: list[str], lead: str = "") -> list[float]:
         """How likely the reader found each candidate as the last reply's text after

@@ -437,3 +437,20 @@ def test_a_changed_system_prompt_through_the_router_takes_over_the_pin(engine_fa
     )
     assert s.token_count() > 5 * 512
     assert (s.level_map()[new.token_start : new.token_end] == 0).all()
+
+
+def test_every_turn_hands_its_freed_heap_back_once_the_reply_is_stored(engine_factory, monkeypatch):
+    """Logic only: a recording stand-in replaces the trim (what it frees depends on the C
+    library and is measured by `bench latency`)."""
+    from megacontext_memory import engine as engine_module
+
+    s = engine_factory().session("trim")
+    stored_at_trim: list[int] = []
+    monkeypatch.setattr(
+        engine_module, "release_freed_memory", lambda: stored_at_trim.append(len(s.messages()))
+    )
+    s.append("user", "Name a colour.")
+    s.generate(max_new_tokens=4)
+    s.append("user", "And another one?")
+    list(s.generate(max_new_tokens=4, stream=True))
+    assert stored_at_trim == [2, 4]  # each after its reply was stored

@@ -214,6 +214,7 @@ def _measure_size(engine, s, size, chat, typical, turns, reply, progress, log) -
         s.append("user", question)
         text = s.generate(max_new_tokens=reply)
         total_ms = (time.perf_counter() - t0) * 1000
+        memory = _memory_mb()  # what the engine holds after a turn, before the bare model runs
         tel = s.telemetry[-1]
         # An empty reply is a failure this table should show, not a fast turn.
         n_reply = len(base.encode(text)) if text.strip() else 0
@@ -246,7 +247,7 @@ def _measure_size(engine, s, size, chat, typical, turns, reply, progress, log) -
         },
         "bare_ms_median": round(bare_ms, 2),
         "engine_over_bare": round(turn_ms / max(bare_ms, 1e-9), 3),
-        "memory_mb": _memory_mb(),
+        "memory_mb": memory,
         "disk_bytes": _disk_bytes(Path(engine.store.path)),
     }
 
