@@ -134,3 +134,34 @@ def test_end_to_end_at_two_sizes(tmp_path, capsys):
     assert len(rows) == 5 * sum(
         json.loads((out / "memory_bench.json").read_text())["tasks_per_size"].values()
     )
+
+
+def _digest(folder) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_store_cache_builds_each_history_once_and_replays_it_as_built(tmp_path, capsys):
+    argv = ["bench", "memory", "--split", "dev", "--systems", "megacontext", "--json"]
+    argv += ["--sizes", "2000", "--tasks", "1"]
+    cache = tmp_path / "cache"
+
+    def run(out: str, *extra: str) -> list[dict]:
+        assert main([*argv, "--out", str(tmp_path / out), *extra]) == 0
+        capsys.readouterr()
+        return [json.loads(line) for line in (tmp_path / out / "rows.jsonl").open()]
+
+    plain = run("plain")
+    cached = run("cached", "--store-cache", str(cache))
+    (built,) = cache.iterdir()
+    assert json.loads((built / "built.json").read_text())["task"] == "dev-2000-000"
+    before = _digest(built)
+    other = run("other", "--store-cache", str(cache), "--engine-option", "shown_levels=0")
+    assert _digest(built) == before  # replays ran on copies: the built store is untouched
+
+    def answer(r: dict) -> tuple:
+        return r["reply"], r["correct"], r["choice_margin"], r["positions"]
+
+    # Reopened from the cache, the engine answers as one that ingested the history itself.
+    assert [answer(r) for r in cached] == [answer(r) for r in plain]
+    assert cached[0]["ingest_s"] == other[0]["ingest_s"]  # the build's time, recorded once

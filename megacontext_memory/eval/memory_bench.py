@@ -19,6 +19,10 @@ in the history? It tells a focus that showed the note but lost the reader (a der
 reply, `choice` right) from one that showed a look-alike (`choice` wrong). Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
 runs the grid); a grid on the test split is refused.
 
+With `--store-cache DIR` each task's history is built into DIR once (keyed by the task's
+messages, the model and the GistNet) and every later run reopens a copy of it, as after a
+restart: comparing focus options at 128k then costs seconds a task instead of a minute.
+
     megacontext bench memory --quick
     megacontext bench memory --split test --sizes 2000 8000 32000 128000 --out runs/mem
 """
@@ -26,8 +30,10 @@ runs the grid); a grid on the test split is refused.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -103,16 +109,19 @@ class Bench:
         device: str | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         engine_options: dict | None = None,
+        store_cache: Path | None = None,
     ):
         from .. import MegaContextEngine
 
         self.budget, self.max_new, self.scratch = budget, max_new_tokens, scratch
-        self.engines = {}
+        self.store_cache = store_cache
+        self.engines, self.options = {}, {}
         if "megacontext" in systems:
             for name, scorer in self._megacontext_names(scorers).items():
                 store = scratch / f"engine-{scorer}"
                 options = {**(engine_options or {}), "working_budget": budget, "scorer": scorer}
-                self.engines[name] = MegaContextEngine(store=store, device=device, **options)
+                self.options[name] = {"device": device, **options}
+                self.engines[name] = MegaContextEngine(store=store, **self.options[name])
         engine = next(iter(self.engines.values()), None)
         engine = engine or MegaContextEngine(store=scratch / "reader", working_budget=budget)
         self.base = engine.base
@@ -198,13 +207,44 @@ class Bench:
         return out
 
     def megacontext(self, name: str, task: Task) -> Answer:
+        if self.store_cache is not None:
+            return self._megacontext_cached(name, task)
         engine = self.engines[name]
         session = engine.session(task.id)
-        history = [("system", SYSTEM_PROMPT), *task.messages]
-        t0 = time.perf_counter()
-        session.extend(history)
-        session.make_gists()  # ingest counts the gists, as RAG's counts its embeddings
-        ingest = time.perf_counter() - t0
+        ingest = _ingest(session, task)
+        answer = self._reply(engine, session, task, ingest)
+        engine.delete_session(task.id)
+        return answer
+
+    def _megacontext_cached(self, name: str, task: Task) -> Answer:
+        """The engine on a copy of the task's store as built by an earlier run, or built now
+        and kept (`--store-cache`): focus options can then be compared at every length
+        without ingesting the history again. The copy is reopened as after a restart."""
+        from .. import MegaContextEngine
+
+        engine = self.engines[name]
+        key = json.dumps(
+            [engine.base.name, engine.gister.version, engine.config.gist_dtype, task.messages]
+        )
+        built = self.store_cache / f"{task.id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        record = built / "built.json"
+        if not record.exists():
+            shutil.rmtree(built, ignore_errors=True)  # an interrupted build
+            builder = MegaContextEngine(store=built / "store", **self.options[name])
+            ingest = _ingest(builder.session(task.id), task)
+            del builder
+            record.write_text(json.dumps({"task": task.id, "ingest_s": round(ingest, 3)}))
+        ingest = json.loads(record.read_text())["ingest_s"]
+        copy = self.scratch / f"replay-{name}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(built / "store", copy)
+        replay = MegaContextEngine(store=copy, **self.options[name])
+        answer = self._reply(replay, replay.session(task.id), task, ingest)
+        del replay
+        shutil.rmtree(copy, ignore_errors=True)
+        return answer
+
+    def _reply(self, engine, session, task: Task, ingest: float) -> Answer:
         t0 = time.perf_counter()
         session.append("user", task.question)
         reply = session.generate(max_new_tokens=self.max_new)
@@ -212,7 +252,6 @@ class Bench:
         prompt = len(self.base.encode(self.base.generation_prompt()))
         answer = Answer(reply, session.telemetry[-1].positions_used + prompt, turn, ingest)
         answer.logprobs = session.reply_logprobs(_endings(task), task.lead)
-        engine.delete_session(task.id)
         return answer
 
     def run(self, task: Task) -> dict[str, Answer | None]:
@@ -222,6 +261,15 @@ class Bench:
         for name in self.engines:
             answers[name] = self.megacontext(name, task)
         return answers
+
+
+def _ingest(session, task: Task) -> float:
+    """Seconds to store the task's history and make its gists (ingest counts the gists, as
+    RAG's counts its embeddings)."""
+    t0 = time.perf_counter()
+    session.extend([("system", SYSTEM_PROMPT), *task.messages])
+    session.make_gists()
+    return time.perf_counter() - t0
 
 
 def _endings(task: Task) -> list[str]:
@@ -391,10 +439,12 @@ def run(
     resume: bool = False,
     device: str | None = None,
     engine_options: dict | None = None,
+    store_cache: Path | None = None,
 ) -> dict:
     """Run the benchmark; `out` gets rows.jsonl (one line per reply, as they come),
     memory_bench.json (rewritten after every task) and memory_bench.png. With `resume`, the
-    replies already in `out` are kept, so runs of other systems on the same tasks add up."""
+    replies already in `out` are kept, so runs of other systems on the same tasks add up.
+    With `store_cache`, MegaContext's built histories are kept there and reused."""
     from ..baselines.rag import CHUNK_TOKENS, TOP_K
 
     rag_grid = rag_grid or [(CHUNK_TOKENS, TOP_K)]
@@ -417,7 +467,14 @@ def run(
     with tempfile.TemporaryDirectory(prefix="mc-memory-bench-") as scratch:
         scorers = scorers or [Config().scorer]
         bench = Bench(
-            systems, budget, rag_grid, scorers, Path(scratch), device, engine_options=engine_options
+            systems,
+            budget,
+            rag_grid,
+            scorers,
+            Path(scratch),
+            device,
+            engine_options=engine_options,
+            store_cache=store_cache,
         )
         gen = TaskGenerator(split, bench.count, seed)
         result = {}
@@ -509,6 +566,12 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: automatic)")
     p.add_argument("--out", default="memory-bench", help="folder for rows, JSON and PNG")
     p.add_argument("--resume", action="store_true", help="keep the replies already in --out")
+    p.add_argument(
+        "--store-cache",
+        type=Path,
+        help="keep MegaContext's built histories here and reuse them: runs that change only "
+        "focus options (scorer, shown_levels, recency_tokens ...) skip the ingest",
+    )
     add_engine_option(p)
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
@@ -533,6 +596,7 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
             args.resume,
             args.device,
             engine_overrides(args.engine_option),
+            args.store_cache,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
