@@ -160,8 +160,9 @@ def test_store_cache_builds_each_history_once_and_replays_it_as_built(tmp_path, 
     assert _digest(built) == before  # replays ran on copies: the built store is untouched
 
     def answer(r: dict) -> tuple:
-        return r["reply"], r["correct"], r["choice_margin"], r["positions"]
+        return r["reply"], r["correct"], r["choice"], r["positions"]
 
     # Reopened from the cache, the engine answers as one that ingested the history itself.
     assert [answer(r) for r in cached] == [answer(r) for r in plain]
+    assert cached[0]["choice_margin"] == pytest.approx(plain[0]["choice_margin"], abs=1e-2)
     assert cached[0]["ingest_s"] == other[0]["ingest_s"]  # the build's time, recorded once
