@@ -212,7 +212,7 @@ class Bench:
         engine = self.engines[name]
         session = engine.session(task.id)
         ingest = _ingest(session, task)
-        answer = self._reply(engine, session, task, ingest)
+        answer = self._reply(session, task, ingest)
         engine.delete_session(task.id)
         return answer
 
@@ -232,19 +232,17 @@ class Bench:
             shutil.rmtree(built, ignore_errors=True)  # an interrupted build
             builder = MegaContextEngine(store=built / "store", **self.options[name])
             ingest = _ingest(builder.session(task.id), task)
-            del builder
             record.write_text(json.dumps({"task": task.id, "ingest_s": round(ingest, 3)}))
         ingest = json.loads(record.read_text())["ingest_s"]
         copy = self.scratch / f"replay-{name}"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(built / "store", copy)
         replay = MegaContextEngine(store=copy, **self.options[name])
-        answer = self._reply(replay, replay.session(task.id), task, ingest)
-        del replay
+        answer = self._reply(replay.session(task.id), task, ingest)
         shutil.rmtree(copy, ignore_errors=True)
         return answer
 
-    def _reply(self, engine, session, task: Task, ingest: float) -> Answer:
+    def _reply(self, session, task: Task, ingest: float) -> Answer:
         t0 = time.perf_counter()
         session.append("user", task.question)
         reply = session.generate(max_new_tokens=self.max_new)
