@@ -3,8 +3,10 @@ a bench run of every system end to end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sqlite3
 
 import pytest
 
@@ -137,7 +139,16 @@ def test_end_to_end_at_two_sizes(tmp_path, capsys):
 
 
 def _digest(folder) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """A store's content: SQLite databases as SQL dumps (a write-ahead log may be merged into
+    the file whenever the last connection closes), every other file as bytes."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix == ".db":
+            with contextlib.closing(sqlite3.connect(p)) as db:
+                out[p.relative_to(folder)] = "\n".join(db.iterdump())
+        elif p.is_file() and not p.name.endswith(("-wal", "-shm")):
+            out[p.relative_to(folder)] = p.read_bytes()
+    return out
 
 
 @pytest.mark.slow
