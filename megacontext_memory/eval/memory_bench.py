@@ -16,8 +16,9 @@ that name it at all. `choice` asks the reader directly, without decoding: after 
 context the reply read and the answer's lead ("The door code for the Marwood storage room
 is"), does it give the latest value a higher log-probability than every other value stated
 in the history? It tells a focus that showed the note but lost the reader (a derailed
-reply, `choice` right) from one that showed a look-alike (`choice` wrong). Tune RAG on dev only (`--chunk-tokens 64 192 --k 2 4 8 --split dev`
-runs the grid); a grid on the test split is refused.
+reply, `choice` right) from one that showed a look-alike (`choice` wrong). Tune RAG on dev
+only (`--chunk-tokens 64 192 --k 2 4 8 --split dev` runs the grid); a grid on the test
+split is refused.
 
 With `--store-cache DIR` each task's history is built into DIR once (keyed by the task's
 messages, the model and the GistNet) and every later run reopens a copy of it, as after a
@@ -223,9 +224,8 @@ class Bench:
         from .. import MegaContextEngine
 
         engine = self.engines[name]
-        key = json.dumps(
-            [engine.base.name, engine.gister.version, engine.config.gist_dtype, task.messages]
-        )
+        shaping = [engine.base.name, engine.gister.version, engine.config.gist_dtype]
+        key = json.dumps([*shaping, SYSTEM_PROMPT, task.messages])  # what `_ingest` stores
         built = self.store_cache / f"{task.id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         record = built / "built.json"
         if not record.exists():
