@@ -126,7 +126,7 @@ def _print_telemetry(turns) -> None:
     for t in turns:
         levels = " ".join(f"L{k}:{v}" for k, v in t.entries_per_level.items())
         line = f"{t.turn:>4} {t.history_tokens:>8} {t.positions_used:>5}/{t.budget:<6} "
-        line += f"{levels:>22} {t.moves:>5} {t.prefill_tokens:>7} {t.reused_prefix:>6} "
+        line += f"{levels:>22} {t.moves:>5} {t.prefill_tokens:>7} {t.reused_positions:>6} "
         print(line + " ".join(f"{v:>8.0f}" for v in t.latency_ms.values()))
 
 

@@ -9,6 +9,7 @@ POSITION_CONVENTIONS = ("compact",)
 GIST_DTYPES = ("float16", "bfloat16", "float32")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 SCORERS = ("heuristic", "lensnet")
+KV_REUSE = ("prefix", "shift")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Config:
     # next moves them, so a turn that opens a wide span does not stall.
     gist_refine_per_turn: int = 16
     position_convention: str = "compact"
+    # How a turn reuses the last turn's KV cache (see `prefill`): "prefix" keeps the
+    # unchanged prefix (exact); "shift" also keeps the unchanged entries after a move.
+    kv_reuse: str = "prefix"
     scorer: str = "heuristic"  # or "lensnet" (the trained LensNet; see `eval-focus`)
     # Gists above this level still tile the history (scored, expanded, collapsed) but are
     # not shown to the reader and cost no position (0: raw tokens only); None: all shown.
@@ -95,6 +99,8 @@ class Config:
             raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}")
         if self.position_convention not in POSITION_CONVENTIONS:
             raise ValueError(f"position_convention must be one of {POSITION_CONVENTIONS}")
+        if self.kv_reuse not in KV_REUSE:
+            raise ValueError(f"kv_reuse must be one of {KV_REUSE}, got {self.kv_reuse!r}")
         if self.shown_levels is not None and self.shown_levels < 0:
             raise ValueError(f"shown_levels must be None or >= 0, got {self.shown_levels}")
         if self.scorer not in SCORERS:

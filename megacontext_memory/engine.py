@@ -30,6 +30,7 @@ from .gisting import Gister, release_freed_memory
 from .models.base import ROLES, BaseModel
 from .models.checkpoint import LENS_SHIPPED, SHIPPED, load_gist_stack, load_lensnet
 from .models.gistnet import GistStack
+from .prefill import prefill
 from .store import Message, Store
 from .telemetry import TurnTelemetry
 from .tree import MegaContextTree
@@ -481,15 +482,11 @@ class Session:
                     keys = self.wc.position_keys(self.tree, version)
                     keys += [(0, n + i, t) for i, t in enumerate(prompt)]
                     embeds = torch.cat([self.wc.embeddings(self.tree, base), base.embed(prompt)])
-                    keep = _common_prefix(self._kv_keys, keys, limit=len(keys) - 1)
-                    if self._kv is None or keep == 0:
-                        self._kv, keep = None, 0
-                    elif self._kv.get_seq_length() > keep:
-                        self._kv.crop(keep - self._kv.get_seq_length())  # drop the suffix
-                    positions = torch.arange(keep, len(keys), device=base.device)[None]
                     with torch.no_grad():
-                        logits, self._kv = base.forward(embeds[keep:][None], positions, self._kv)
-                tel.prefill_tokens, tel.reused_prefix = len(keys) - keep, keep
+                        logits, self._kv, kept = prefill(
+                            base, self._kv, self._kv_keys, keys, embeds, self.config.kv_reuse
+                        )
+                tel.prefill_tokens, tel.reused_positions = len(keys) - kept, kept
                 self._kv_keys, self._reply_start = keys, len(keys)
                 out: list[str] = []
                 truncated = False
@@ -686,11 +683,3 @@ def split_text(base: BaseModel, text: str, limit: int) -> list[str]:
         else:
             merged.append(part)
     return merged
-
-
-def _common_prefix(a: list, b: list, limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

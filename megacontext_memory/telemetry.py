@@ -24,7 +24,7 @@ class TurnTelemetry:
     collapses: int = 0
     swap_rate: float = 0.0  # positions changed by moves / positions in use
     prefill_tokens: int = 0
-    reused_prefix: int = 0
+    reused_positions: int = 0
     new_tokens: int = 0
     latency_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 

@@ -65,7 +65,7 @@ def test_generate_appends_reply_and_reuses_the_kv_prefix(engine_factory):
     s.append("user", "Again.")
     second = s.generate(max_new_tokens=8)
     t = s.telemetry[-1]
-    assert t.reused_prefix > 0 and t.prefill_tokens < t.positions_used
+    assert t.reused_positions > 0 and t.prefill_tokens < t.positions_used
     # The same history read fresh from disk (no KV cache) gives the same greedy reply.
     fresh = engine_factory(store=engine.store.path).session("turns")
     hist = fresh.messages()

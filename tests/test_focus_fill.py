@@ -61,7 +61,7 @@ def test_hidden_levels_cost_no_position_and_are_never_fed(engine_factory):
     assert max(t.entries_per_level) <= 1 and any(e.level >= 2 for e in s.wc)
     assert 0.9 * _available(base) <= t.positions_used <= _available(base), t.to_dict()
     assert len(s.wc.embeddings(s.tree, base)) == len(s.wc) == t.positions_used
-    assert t.prefill_tokens + t.reused_prefix == len(s.wc) + len(
+    assert t.prefill_tokens + t.reused_positions == len(s.wc) + len(
         base.encode(base.generation_prompt())
     )
     check_invariants(s.working_context(), s.tree, BUDGET, engine.config.recent_raw)

@@ -11,7 +11,9 @@ At each history size one session is grown (from the size before) and measured:
            decode), the turn's wall time, positions used and prefilled
   bare     the bare model on the very window the turn read (gists and raw tokens as
            inputs_embeds, from an empty KV cache, the same number of greedy tokens):
-           `engine_over_bare` = median turn / median bare prefill+decode
+           `engine_over_bare` = median turn / median bare prefill+decode; and whether
+           its greedy reply begins with the engine's (`reply_agreement`: how often a
+           turn's reused KV cache changed no word of the reply)
   memory   RSS after the turns (heap vs mapped files) and the store's bytes on disk
 
 The working context is capped at the budget, so a turn should cost the same at 1k and 1M
@@ -133,7 +135,7 @@ def _grow(s, size: int, source: Iterator[tuple[str, str]], progress: bool) -> fl
     return spent
 
 
-def _bare(engine, wc, tree, n_new: int) -> dict[str, float]:
+def _bare(engine, wc, tree, n_new: int) -> dict:
     """The bare model reading the window `wc` (+ the generation prompt), as the engine
     does but from an empty KV cache: prefill, then `n_new` greedy tokens (EOS ignored)."""
     import torch
@@ -148,8 +150,10 @@ def _bare(engine, wc, tree, n_new: int) -> dict[str, float]:
         logits, cache = base.forward(embeds, torch.arange(n, device=base.device)[None])
         _sync(base.device)
         t1 = time.perf_counter()
+        tokens = []
         for i in range(n_new):
             tok = int(logits[0, -1].float().argmax())
+            tokens.append(tok)
             pos = torch.tensor([[n + i]], device=base.device)
             logits, cache = base.forward(base.embed([[tok]]), pos, cache)
         _sync(base.device)
@@ -160,6 +164,7 @@ def _bare(engine, wc, tree, n_new: int) -> dict[str, float]:
         "prefill": round(prefill, 2),
         "decode": round(decode, 2),
         "total": round(prefill + decode, 2),
+        "text": base.decode(tokens),
     }
 
 
@@ -218,6 +223,8 @@ def _measure_size(engine, s, size, chat, typical, turns, reply, progress, log) -
         tel = s.telemetry[-1]
         # An empty reply is a failure this table should show, not a fast turn.
         n_reply = len(base.encode(text)) if text.strip() else 0
+        bare = _bare(engine, s.wc, tree, n_reply)
+        bare_text = bare.pop("text")
         rows.append(
             {
                 "history_tokens": tel.history_tokens,
@@ -225,12 +232,13 @@ def _measure_size(engine, s, size, chat, typical, turns, reply, progress, log) -
                 "latency_ms": {k: round(tel.latency_ms.get(k, 0.0), 2) for k in STAGES},
                 "positions_used": tel.positions_used,
                 "prefill_tokens": tel.prefill_tokens,
-                "reused_prefix": tel.reused_prefix,
+                "reused_positions": tel.reused_positions,
                 "moves": tel.moves,
                 "reply_tokens": n_reply,
                 # `s.wc` right after the turn is the window it prefilled (the reply is in
                 # the history, not yet in the window).
-                "bare_ms": _bare(engine, s.wc, tree, n_reply),
+                "bare_ms": bare,
+                "same_reply_as_bare": bare_text.strip().startswith(text.strip()),
             }
         )
     turn_ms = statistics.median(r["total_ms"] for r in rows)
@@ -269,6 +277,9 @@ def headline(rows: list[dict]) -> dict:
         "latency_ratio_max_over_min": _ratio([r["turn_ms_median"] for r in rows]),
         "rss_ratio_max_over_min": _ratio([r["memory_mb"][heap] for r in rows]),
         "engine_over_bare": max(r["engine_over_bare"] for r in rows),
+        "reply_agreement": round(
+            statistics.mean(t["same_reply_as_bare"] for r in rows for t in r["turns"]), 3
+        ),
     }
 
 
@@ -353,6 +364,7 @@ def table(result: dict) -> str:
         "latency_ratio_max_over_min",
         "rss_ratio_max_over_min",
         "engine_over_bare",
+        "reply_agreement",
         "device",
     ]
     lines += [f"{k:>27}: {result[k]}" for k in keys]

@@ -23,6 +23,9 @@ split is refused.
 With `--store-cache DIR` each task's history is built into DIR once (keyed by the task's
 messages, the model and the GistNet) and every later run reopens a copy of it, as after a
 restart: comparing focus options at 128k then costs seconds a task instead of a minute.
+With `--warm-turns N` MegaContext answers N small-talk questions before the task's, so the
+question comes mid-conversation, to a session whose KV cache is warm (the raw-context
+systems are unchanged): options of the cache's reuse (`kv_reuse`) act only there.
 
     megacontext bench memory --quick
     megacontext bench memory --split test --sizes 2000 8000 32000 128000 --out runs/mem
@@ -62,6 +65,12 @@ from .tasks import (
 QUICK = {2000: 2, 8000: 1}  # tasks per size with --quick: a smoke run of every system, < 5 min
 TASKS_PER_SIZE = 24
 MAX_NEW_TOKENS = 32
+WARM_QUESTIONS = [
+    "Thanks. Before I ask anything else, how has your day been?",
+    "Could you suggest a good book for a long train ride?",
+    "What is a simple dinner I could cook tonight?",
+    "Any tips for sleeping better?",
+]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -111,11 +120,14 @@ class Bench:
         max_new_tokens: int = MAX_NEW_TOKENS,
         engine_options: dict | None = None,
         store_cache: Path | None = None,
+        warm_turns: int = 0,
     ):
         from .. import MegaContextEngine
 
+        if not 0 <= warm_turns <= len(WARM_QUESTIONS):
+            raise ValueError(f"warm_turns must be in [0, {len(WARM_QUESTIONS)}], got {warm_turns}")
         self.budget, self.max_new, self.scratch = budget, max_new_tokens, scratch
-        self.store_cache = store_cache
+        self.store_cache, self.warm_turns = store_cache, warm_turns
         self.engines, self.options = {}, {}
         if "megacontext" in systems:
             for name, scorer in self._megacontext_names(scorers).items():
@@ -142,6 +154,8 @@ class Bench:
             self.settings[name] = {"scorer": self.engines[name].config.scorer}
             if engine_options:
                 self.settings[name]["engine_options"] = engine_options
+            if warm_turns:
+                self.settings[name]["warm_turns"] = warm_turns
 
     @staticmethod
     def _megacontext_names(scorers: list[str]) -> dict[str, str]:
@@ -243,6 +257,9 @@ class Bench:
         return answer
 
     def _reply(self, session, task: Task, ingest: float) -> Answer:
+        for question in WARM_QUESTIONS[: self.warm_turns]:
+            session.append("user", question)
+            session.generate(max_new_tokens=self.max_new)
         t0 = time.perf_counter()
         session.append("user", task.question)
         reply = session.generate(max_new_tokens=self.max_new)
@@ -438,6 +455,7 @@ def run(
     device: str | None = None,
     engine_options: dict | None = None,
     store_cache: Path | None = None,
+    warm_turns: int = 0,
 ) -> dict:
     """Run the benchmark; `out` gets rows.jsonl (one line per reply, as they come),
     memory_bench.json (rewritten after every task) and memory_bench.png. With `resume`, the
@@ -473,6 +491,7 @@ def run(
             device,
             engine_options=engine_options,
             store_cache=store_cache,
+            warm_turns=warm_turns,
         )
         gen = TaskGenerator(split, bench.count, seed)
         result = {}
@@ -570,6 +589,12 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
         help="keep MegaContext's built histories here and reuse them: runs that change only "
         "focus options (scorer, shown_levels, recency_tokens ...) skip the ingest",
     )
+    p.add_argument(
+        "--warm-turns",
+        type=int,
+        default=0,
+        help=f"small-talk turns MegaContext answers before each question (0-{len(WARM_QUESTIONS)})",
+    )
     add_engine_option(p)
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     args = p.parse_args(argv)
@@ -595,6 +620,7 @@ def bench_memory_main(argv: list[str] | None = None) -> int:
             args.device,
             engine_overrides(args.engine_option),
             args.store_cache,
+            args.warm_turns,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -99,6 +99,10 @@ class BaseModel:
         # Newer transformers call the KV-cache argument `cache`, older ones `past_key_values`.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._trunks: dict[int, torch.nn.Module] = {}
+        rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
+        plain = getattr(rotary, "rope_type", None) == "default"
+        # Rotary frequencies when keys can be moved to other positions (`shift_keys`).
+        self.rotary_inv_freq: torch.Tensor | None = rotary.inv_freq.float() if plain else None
 
     @classmethod
     def load(cls, name: str = "default", device: str | None = None, dtype: str = "auto"):
@@ -204,19 +208,32 @@ class BaseModel:
         out = trunk(input_ids=flat, position_ids=pos, use_cache=False).last_hidden_state
         return out.reshape(*ids.shape, self.width)
 
+    def shift_keys(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Cached keys [..., T, head_dim] moved `delta` [T] positions on: rotary embeddings
+        compose, so rotating by `delta` gives the key the same token would have there."""
+        angles = delta[:, None].float() * self.rotary_inv_freq.to(keys.device)[None]
+        angles = torch.cat((angles, angles), dim=-1)
+        k = keys.float()
+        half = k.shape[-1] // 2
+        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+        return (k * angles.cos() + rotated * angles.sin()).to(keys.dtype)
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         cache: DynamicCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DynamicCache]:
         """Logits [B, 1, V] of the last position for embeddings [B, T, d] at explicit
         positions; extends `cache`. Only the last position predicts the next token: the LM
-        head over a whole 1,024-position prefill would cost 200 MB and a sixth of its time."""
+        head over a whole 1,024-position prefill would cost 200 MB and a sixth of its time.
+        `mask` [B, 1, T, cached + T] (additive) replaces the causal mask."""
         cache = cache if cache is not None else DynamicCache()
         out = self.model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
+            attention_mask=mask,
             use_cache=True,
             logits_to_keep=1,
             **{self.cache_kwarg: cache},

@@ -26,7 +26,7 @@ def _log(llm, session_id):
 def _check_bounded(llm, session_id, turns):
     tel = llm.engine.session(session_id).telemetry[-turns:]
     assert len(tel) == turns
-    assert all(t.prefill_tokens + t.reused_prefix <= BUDGET for t in tel)
+    assert all(t.prefill_tokens + t.reused_positions <= BUDGET for t in tel)
     # a turn prefills its new messages plus the suffix after the first entry the focus
     # changed: never more than the budget, however long the history grows
     history = llm.engine.session(session_id).token_count()

@@ -69,7 +69,7 @@ def _check_once(llm, sid, turns):
     assert len(users) == len(set(users)) == turns
     assert sum(m.role == "assistant" for m in log) == turns
     tel = llm.engine.session(sid).telemetry
-    assert all(t.prefill_tokens + t.reused_prefix <= llm.working_budget for t in tel)
+    assert all(t.prefill_tokens + t.reused_positions <= llm.working_budget for t in tel)
 
 
 def test_simple_chat_engine_multi_turn(tmp_path):

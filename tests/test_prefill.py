@@ -1,0 +1,105 @@
+"""Reusing a KV cache across a refocus, on the real default model."""
+
+from __future__ import annotations
+
+import torch
+
+from megacontext_memory.demo import FACTS, conversation
+from megacontext_memory.prefill import plan, prefill
+
+TEXT = (
+    "The lighthouse keeper wrote in his log every evening. He noted the wind, the ships "
+    "that passed, and the colour of the sea. One winter the lamp failed twice, and he "
+    "climbed the stairs in the dark to mend it while the storm beat on the glass."
+)
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    p, q = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum())
+
+
+def test_plan_reuses_every_unchanged_entry_and_computes_the_last():
+    """Logic only (string keys). "prefix" stops at the first change; "shift" finds every
+    unchanged key wherever it now sits; the last position is always computed."""
+    old = ["a", "b", "c", "d", "e", "f"]
+    new = ["a", "X", "c", "d", "Y", "Z", "f", "g"]
+    assert plan(old, new, "prefix") == [0, None, None, None, None, None, None, None]
+    assert plan(old, new, "shift") == [0, None, 2, 3, None, None, 5, None]
+    assert plan(old, old, "shift") == [0, 1, 2, 3, 4, None]
+    assert plan([], new, "shift") == [None] * len(new)
+
+
+def test_shifted_keys_are_the_keys_computed_at_the_new_positions(base):
+    """A whole sequence moved by `delta` positions attends exactly as before (rotary
+    attention is relative), so every layer's values stay and its keys are the cached ones
+    rotated by `delta`."""
+    ids = base.encode(TEXT)
+    n, delta = len(ids), 37
+    embeds = base.embed(ids)[None]
+    with torch.no_grad():
+        _, here = base.forward(embeds, torch.arange(n)[None])
+        _, there = base.forward(embeds, torch.arange(delta, delta + n)[None])
+    shift = torch.full((n,), delta)
+    for a, b in zip(here.layers, there.layers, strict=True):
+        assert torch.allclose(base.shift_keys(a.keys, shift), b.keys, atol=1e-3, rtol=1e-3)
+        assert torch.allclose(a.values, b.values, atol=1e-3, rtol=1e-3)
+
+
+def test_shift_computes_only_the_changed_entries_each_after_what_precedes_it(base):
+    """Old context A B C, new context A B' C (B' 40 tokens longer, so C moves). "prefix"
+    recomputes B' C and matches a fresh prefill. "shift" computes B' and the last position
+    alone: A and B' (which attend only to A and B') match a fresh prefill at every layer,
+    so B' saw neither C nor anything after it; C's first layer matches too (its keys were
+    moved to their new positions); C's deeper layers keep what they were computed with."""
+    words = TEXT.split()
+    a = base.encode(" ".join(words[:12]))
+    b = base.encode(" " + " ".join(words[12:16]))
+    b2 = base.encode(" " + " ".join(words[12:16] + words[4:40]))
+    c = base.encode(" " + " ".join(words[16:]))
+    old, new = a + b + c, a + b2 + c
+    # Position keys as the engine makes them: one per token, naming what it stands for.
+    old_keys = [("a", i) for i in range(len(a))] + [("b", i) for i in range(len(b))]
+    old_keys += [("c", i) for i in range(len(c))]
+    new_keys = [("a", i) for i in range(len(a))] + [("b2", i) for i in range(len(b2))]
+    new_keys += [("c", i) for i in range(len(c))]
+    embeds = base.embed(new)
+    with torch.no_grad():
+        fresh_logits, fresh = base.forward(embeds[None], torch.arange(len(new))[None])
+        results = {}
+        for mode in ("prefix", "shift"):
+            _, cache = base.forward(base.embed(old)[None], torch.arange(len(old))[None])
+            results[mode] = prefill(base, cache, old_keys, new_keys, embeds, mode)
+
+    logits, cache, kept = results["prefix"]
+    assert kept == len(a)
+    assert (logits - fresh_logits).abs().max().item() <= 1e-3
+    logits, cache, kept = results["shift"]
+    assert kept == len(a) + len(c) - 1
+    assert cache.get_seq_length() == len(new)
+    exact = len(a) + len(b2)
+    for layer, (got, want) in enumerate(zip(cache.layers, fresh.layers, strict=True)):
+        upto = len(new) if layer == 0 else exact
+        for x, y in ((got.keys, want.keys), (got.values, want.values)):
+            assert torch.allclose(x[..., :upto, :], y[..., :upto, :], atol=1e-3, rtol=1e-3)
+    assert _kl(fresh_logits[0, -1], logits[0, -1]) < 1.0  # near, not equal
+
+
+def test_a_shift_session_keeps_its_cache_in_step_with_its_window(engine_factory):
+    """Turns that move the focus: the cache holds exactly the window's positions, a moving
+    turn reuses positions beyond the unchanged prefix, and replies stay readable."""
+    engine = engine_factory(working_budget=512, kv_reuse="shift", gist_refine_steps=0)
+    s = engine.session("shift")
+    s.extend(conversation(engine.base, 2500, FACTS[0], seed=2))
+    beyond_prefix = 0
+    for question in [FACTS[0].question, "What did we talk about first?", FACTS[1].question]:
+        before = list(s._kv_keys)
+        s.append("user", question)
+        assert s.generate(max_new_tokens=12).strip()
+        t = s.telemetry[-1]
+        assert s._kv.get_seq_length() == len(s._kv_keys)
+        window = s._kv_keys[: t.prefill_tokens + t.reused_positions]
+        same = (i for i, (x, y) in enumerate(zip(before, window, strict=False)) if x != y)
+        prefix = next(same, min(len(before), len(window)))
+        beyond_prefix += t.reused_positions > prefix
+    assert beyond_prefix
