@@ -177,3 +177,10 @@ def test_store_cache_builds_each_history_once_and_replays_it_as_built(tmp_path, 
     assert [answer(r) for r in cached] == [answer(r) for r in plain]
     assert cached[0]["choice_margin"] == pytest.approx(plain[0]["choice_margin"], abs=1e-2)
     assert cached[0]["ingest_s"] == other[0]["ingest_s"]  # the build's time, recorded once
+    # Two small-talk turns before the question, on a copy again, recorded with the result.
+    (warm,) = run("warm", "--store-cache", str(cache), "--warm-turns", "2")
+    assert _digest(built) == before and warm["reply"].strip()
+    summary = json.loads((tmp_path / "warm" / "memory_bench.json").read_text())
+    assert summary["settings"]["megacontext"]["warm_turns"] == 2
+    assert main([*argv, "--out", str(tmp_path / "bad"), "--warm-turns", "9"]) == 2
+    assert "warm_turns must be in [0, 4], got 9" in capsys.readouterr().err
