@@ -58,6 +58,9 @@ class Config:
     # each question, both answered 19 of 48 and "shift" cut the median turn by a quarter
     # (README, "Reusing the KV cache across moves").
     kv_reuse: str = "shift"
+    # After this many turns on a partly shifted cache, a turn re-prefills from its first
+    # inexact position, so no entry's keys and values are carried longer than that.
+    kv_refresh_turns: int = 16
     scorer: str = "heuristic"  # or "lensnet" (the trained LensNet; see `eval-focus`)
     # Gists above this level still tile the history (scored, expanded, collapsed) but are
     # not shown to the reader and cost no position (0: raw tokens only); None: all shown.
@@ -103,6 +106,8 @@ class Config:
             raise ValueError(f"model_dtype must be one of {MODEL_DTYPES}, got {self.model_dtype!r}")
         if self.position_convention not in POSITION_CONVENTIONS:
             raise ValueError(f"position_convention must be one of {POSITION_CONVENTIONS}")
+        if self.kv_refresh_turns < 1:
+            raise ValueError(f"kv_refresh_turns must be >= 1, got {self.kv_refresh_turns}")
         if self.kv_reuse not in KV_REUSE:
             raise ValueError(f"kv_reuse must be one of {KV_REUSE}, got {self.kv_reuse!r}")
         if self.shown_levels is not None and self.shown_levels < 0:

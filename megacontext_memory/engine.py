@@ -170,6 +170,8 @@ class Session:
         self._pending = TurnTelemetry()
         self._kv = None
         self._kv_keys: list[tuple] = []
+        self._kv_exact = 0  # leading cache positions as a fresh prefill would make them
+        self._stale_turns = 0  # turns since the cache was last exact throughout
         self._reply_start: int | None = None  # cache positions before the last reply
         self._query: list[int] | None = None
         self._lock = threading.RLock()
@@ -482,10 +484,14 @@ class Session:
                     keys = self.wc.position_keys(self.tree, version)
                     keys += [(0, n + i, t) for i, t in enumerate(prompt)]
                     embeds = torch.cat([self.wc.embeddings(self.tree, base), base.embed(prompt)])
+                    refresh = self._stale_turns >= self.config.kv_refresh_turns
+                    mode = "prefix" if refresh else self.config.kv_reuse
                     with torch.no_grad():
-                        logits, self._kv, kept = prefill(
-                            base, self._kv, self._kv_keys, keys, embeds, self.config.kv_reuse
+                        logits, self._kv, kept, self._kv_exact = prefill(
+                            base, self._kv, self._kv_keys, keys, embeds, mode, self._kv_exact
                         )
+                exact = self._kv_exact == len(keys)  # then so is the reply decoded after it
+                self._stale_turns = 0 if exact else self._stale_turns + 1
                 tel.prefill_tokens, tel.reused_positions = len(keys) - kept, kept
                 self._kv_keys, self._reply_start = keys, len(keys)
                 out: list[str] = []
@@ -517,11 +523,13 @@ class Session:
                                 out.append(step.text)
                 finally:
                     self._kv_keys = self._kv_keys[: self._kv.get_seq_length()]
+                    self._kv_exact = len(self._kv_keys) if exact else self._kv_exact
                 reply = "".join(out)
                 if not truncated or reply.strip():
                     self._finish_turn(tel, reply, {"truncated": True} if truncated else {})
             except BaseException:
                 self._kv, self._kv_keys, self._reply_start = None, [], None  # stopped halfway
+                self._kv_exact = self._stale_turns = 0
                 raise
             finally:
                 self._turn = None
@@ -544,6 +552,7 @@ class Session:
             last = self._kv_keys[start][2]  # the prompt's last token: its logits lead
             self._kv.crop(start - self._kv.get_seq_length())  # keep the prompt less one
             self._kv_keys, self._reply_start = self._kv_keys[:start], None
+            self._kv_exact = min(self._kv_exact, start)
             ids = [base.encode(c) for c in candidates]
             return base.continuation_logprobs(self._kv, [last, *base.encode(lead)], ids)
 

@@ -14,48 +14,72 @@ to reuse the cache across that:
   the keys and values they were computed with, in a context that differed only in how
   much detail a few spans showed: the approximation a gist already makes. The first
   layer's keys and values are exact either way.
+
+The cache remembers how many of its leading positions are exact (as a fresh prefill would
+make them): "prefix" keeps no more than those, so a "prefix" turn after "shift" turns
+makes the whole window exact again. The engine does that every `kv_refresh_turns` turns,
+so the approximation never ages past them.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from transformers import DynamicCache
 
 
-def plan(old: list, new: list, mode: str) -> list[int | None]:
+class Prefilled(NamedTuple):
+    logits: torch.Tensor  # [1, 1, V]: the last position's
+    cache: DynamicCache
+    reused: int  # positions taken from the old cache
+    exact: int  # leading positions whose keys and values equal a fresh prefill's
+
+
+def plan(old: list, new: list, mode: str, exact: int | None = None) -> list[int | None]:
     """For each position of `new`, the position of `old` (the keys the cache holds, one per
     position) whose keys and values it reuses, or None to compute it. "prefix" reuses the
-    common prefix only; the last position is always computed: its logits lead the reply."""
+    common prefix only, and no more than its first `exact` positions; the last position is
+    always computed: its logits lead the reply."""
     last = len(new) - 1
+    limit = min(len(old), last, len(old) if exact is None or mode != "prefix" else exact)
     keep = 0
-    while keep < min(len(old), last) and old[keep] == new[keep]:
+    while keep < limit and old[keep] == new[keep]:
         keep += 1
     where = {k: j for j, k in enumerate(old)} if mode == "shift" else {}
     return [*range(keep), *(where.get(k) for k in new[keep:last]), None]
 
 
 def prefill(
-    base, cache: DynamicCache | None, old: list, new: list, embeds: torch.Tensor, mode: str
-) -> tuple[torch.Tensor, DynamicCache, int]:
-    """Logits of the last position and the cache for `new` (keys, one per position, with
-    their input embeddings `embeds` [T, d]); `cache` holds the positions keyed by `old`.
-    Returns the number of positions reused. "shift" falls back to "prefix" for a model
+    base,
+    cache: DynamicCache | None,
+    old: list,
+    new: list,
+    embeds: torch.Tensor,
+    mode: str,
+    exact: int | None = None,
+) -> Prefilled:
+    """The last position's logits and the cache for `new` (keys, one per position, with
+    their input embeddings `embeds` [T, d]); `cache` holds the positions keyed by `old`, the
+    first `exact` of them exact (None: all). "shift" falls back to "prefix" for a model
     without plain rotary position embeddings."""
     if cache is None:
         old = []
+    exact = len(old) if exact is None else exact
     if mode == "shift" and base.rotary_inv_freq is None:
         mode = "prefix"
-    sources = plan(old, new, mode)
+    sources = plan(old, new, mode, exact)
     kept = [i for i, j in enumerate(sources) if j is not None]
     fresh = [i for i, j in enumerate(sources) if j is None]
-    if len(kept) == fresh[0]:  # a prefix: crop the cache, prefill the rest
-        if cache is not None and kept:
-            cache.crop(len(kept) - cache.get_seq_length())
+    same = next(i for i, j in enumerate(sources) if j != i)  # positions that stay put
+    if same == len(kept):  # a prefix: crop the cache, prefill the rest
+        if cache is not None and same:
+            cache.crop(same - cache.get_seq_length())
         else:
             cache = None
-        positions = torch.arange(len(kept), len(new), device=base.device)[None]
-        logits, cache = base.forward(embeds[len(kept) :][None], positions, cache)
-        return logits, cache, len(kept)
+        positions = torch.arange(same, len(new), device=base.device)[None]
+        logits, cache = base.forward(embeds[same:][None], positions, cache)
+        return Prefilled(logits, cache, same, len(new) if same <= exact else exact)
     out = DynamicCache()
     kept_at = torch.as_tensor(kept, device=base.device)
     src = torch.as_tensor([sources[i] for i in kept], device=base.device)
@@ -74,4 +98,4 @@ def prefill(
     order = torch.argsort(torch.cat([kept_at, at]))  # back to position order
     for cached in out.layers:
         cached.keys, cached.values = cached.keys[..., order, :], cached.values[..., order, :]
-    return logits, out, len(kept)
+    return Prefilled(logits, out, len(kept), min(exact, same))

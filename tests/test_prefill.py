@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from megacontext_memory.demo import FACTS, conversation
@@ -28,6 +29,11 @@ def test_plan_reuses_every_unchanged_entry_and_computes_the_last():
     assert plan(old, new, "shift") == [0, None, 2, 3, None, None, 5, None]
     assert plan(old, old, "shift") == [0, 1, 2, 3, 4, None]
     assert plan([], new, "shift") == [None] * len(new)
+    # Entries that vanish (gists collapsed into a hidden parent) leave the rest shifted.
+    assert plan(old, ["a", "c", "d", "e", "f", "g"], "shift") == [0, 2, 3, 4, 5, None]
+    # "prefix" keeps no more than the positions known to be exact.
+    assert plan(old, [*old, "g"], "prefix", exact=2) == [0, 1, None, None, None, None, None]
+    assert plan(old, [*old, "g"], "shift", exact=2) == [0, 1, 2, 3, 4, 5, None]
 
 
 def test_shifted_keys_are_the_keys_computed_at_the_new_positions(base):
@@ -46,16 +52,18 @@ def test_shifted_keys_are_the_keys_computed_at_the_new_positions(base):
         assert torch.allclose(a.values, b.values, atol=1e-3, rtol=1e-3)
 
 
-def test_shift_computes_only_the_changed_entries_each_after_what_precedes_it(base):
-    """Old context A B C, new context A B' C (B' 40 tokens longer, so C moves). "prefix"
-    recomputes B' C and matches a fresh prefill. "shift" computes B' and the last position
-    alone: A and B' (which attend only to A and B') match a fresh prefill at every layer,
-    so B' saw neither C nor anything after it; C's first layer matches too (its keys were
-    moved to their new positions); C's deeper layers keep what they were computed with."""
+@pytest.mark.parametrize("change", ["longer", "removed"])
+def test_shift_computes_only_the_changed_entries_each_after_what_precedes_it(base, change):
+    """Old context A B C; new context A B' C (B' 40 tokens longer) or A C (B gone, as gists
+    collapsed into a hidden parent vanish): C moves. "prefix" recomputes from the change
+    and matches a fresh prefill. "shift" computes B' and the last position alone: A and B'
+    (which attend only to A and B') match a fresh prefill at every layer, so B' saw nothing
+    after it; C's first layer matches too (its keys were moved to their new positions);
+    C's deeper layers keep what they were computed with."""
     words = TEXT.split()
     a = base.encode(" ".join(words[:12]))
     b = base.encode(" " + " ".join(words[12:16]))
-    b2 = base.encode(" " + " ".join(words[12:16] + words[4:40]))
+    b2 = base.encode(" " + " ".join(words[12:16] + words[4:40])) if change == "longer" else []
     c = base.encode(" " + " ".join(words[16:]))
     old, new = a + b + c, a + b2 + c
     # Position keys as the engine makes them: one per token, naming what it stands for.
@@ -71,28 +79,32 @@ def test_shift_computes_only_the_changed_entries_each_after_what_precedes_it(bas
             _, cache = base.forward(base.embed(old)[None], torch.arange(len(old))[None])
             results[mode] = prefill(base, cache, old_keys, new_keys, embeds, mode)
 
-    logits, cache, kept = results["prefix"]
-    assert kept == len(a)
+    logits, cache, kept, exact = results["prefix"]
+    assert kept == len(a) and exact == len(new)
     assert (logits - fresh_logits).abs().max().item() <= 1e-3
-    logits, cache, kept = results["shift"]
-    assert kept == len(a) + len(c) - 1
+    logits, cache, kept, exact = results["shift"]
+    assert kept == len(a) + len(c) - 1 and exact == len(a)
     assert cache.get_seq_length() == len(new)
-    exact = len(a) + len(b2)
+    upto = len(a) + len(b2)
     for layer, (got, want) in enumerate(zip(cache.layers, fresh.layers, strict=True)):
-        upto = len(new) if layer == 0 else exact
+        end = len(new) if layer == 0 else upto
         for x, y in ((got.keys, want.keys), (got.values, want.values)):
-            assert torch.allclose(x[..., :upto, :], y[..., :upto, :], atol=1e-3, rtol=1e-3)
+            assert torch.allclose(x[..., :end, :], y[..., :end, :], atol=1e-3, rtol=1e-3)
     assert _kl(fresh_logits[0, -1], logits[0, -1]) < 1.0  # near, not equal
 
 
-def test_a_shift_session_keeps_its_cache_in_step_with_its_window(engine_factory):
+def test_a_shift_session_keeps_its_cache_in_step_and_refreshes_it(engine_factory):
     """Turns that move the focus: the cache holds exactly the window's positions, a moving
-    turn reuses positions beyond the unchanged prefix, and replies stay readable."""
-    engine = engine_factory(working_budget=512, kv_reuse="shift", gist_refine_steps=0)
-    s = engine.session("shift")
-    s.extend(conversation(engine.base, 2500, FACTS[0], seed=2))
-    beyond_prefix = 0
-    for question in [FACTS[0].question, "What did we talk about first?", FACTS[1].question]:
+    turn reuses positions beyond the unchanged prefix, no cache stays inexact for more than
+    `kv_refresh_turns` turns, and a refreshed cache equals a fresh prefill of its window."""
+    engine = engine_factory(
+        working_budget=512, kv_reuse="shift", kv_refresh_turns=2, gist_refine_steps=0
+    )
+    base, s = engine.base, engine.session("shift")
+    s.extend(conversation(base, 2500, FACTS[0], seed=2))
+    beyond_prefix, refreshed = 0, 0
+    questions = [FACTS[0].question, "What did we talk about first?", FACTS[1].question]
+    for question in questions + ["And what else?", "Tell me more.", FACTS[0].question]:
         before = list(s._kv_keys)
         s.append("user", question)
         assert s.generate(max_new_tokens=12).strip()
@@ -102,4 +114,15 @@ def test_a_shift_session_keeps_its_cache_in_step_with_its_window(engine_factory)
         same = (i for i, (x, y) in enumerate(zip(before, window, strict=False)) if x != y)
         prefix = next(same, min(len(before), len(window)))
         beyond_prefix += t.reused_positions > prefix
-    assert beyond_prefix
+        assert s._stale_turns <= 2
+        if s._kv_exact == len(s._kv_keys) and t.moves:
+            refreshed += 1
+            shown = len(s.wc)
+            raw = [k[2] for k in s._kv_keys[shown:]]  # the prompt and the reply: raw tokens
+            embeds = torch.cat([s.wc.embeddings(s.tree, base), base.embed(raw)])
+            with torch.no_grad():
+                _, fresh = base.forward(embeds[None], torch.arange(len(embeds))[None])
+            got, want = s._kv.layers[-1], fresh.layers[-1]
+            assert torch.allclose(got.keys, want.keys, atol=1e-3, rtol=1e-3)
+            assert torch.allclose(got.values, want.values, atol=1e-3, rtol=1e-3)
+    assert beyond_prefix and refreshed
