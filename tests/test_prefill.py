@@ -126,3 +126,16 @@ def test_a_shift_session_keeps_its_cache_in_step_and_refreshes_it(engine_factory
             assert torch.allclose(got.keys, want.keys, atol=1e-3, rtol=1e-3)
             assert torch.allclose(got.values, want.values, atol=1e-3, rtol=1e-3)
     assert beyond_prefix and refreshed
+
+
+def test_a_model_without_rotary_positions_falls_back_to_prefix(base, monkeypatch):
+    """Keys without rotary embeddings cannot be moved: "shift" keeps the prefix alone."""
+    ids = base.encode(TEXT)
+    old_keys, new_keys = list(range(len(ids))), [-1, *range(1, len(ids)), len(ids)]
+    embeds = base.embed([ids[1], *ids[1:], ids[0]])
+    monkeypatch.setattr(base, "rotary_inv_freq", None)
+    with torch.no_grad():
+        _, cache = base.forward(base.embed(ids)[None], torch.arange(len(ids))[None])
+        done = prefill(base, cache, old_keys, new_keys, embeds, "shift")
+    assert done.reused == 0 and done.exact == len(new_keys)
+    assert done.cache.get_seq_length() == len(new_keys)

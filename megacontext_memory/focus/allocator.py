@@ -7,7 +7,7 @@ cost nothing (`WorkingContext.shown_levels`). Moves never touch the tree.
 The budget is there to be used. A refocus round, at most `max_moves` moves:
 1. makes room when the working context is over budget: it collapses the lowest-scored
    (then oldest) spans down to `room(budget)`, a little under the budget, so the tokens of
-   the next turns fit without a move (a move re-prefills the KV cache from where it is);
+   the next turns fit without a move (each move's new entries must be prefilled);
 2. fills: free positions up to `room(budget)` go to the best-scored expansions, whatever
    their sign, so a context shown before a reply uses at least 90% of its budget;
 3. swaps: otherwise, the best expansion replaces the lowest-scored collapse when it
@@ -18,8 +18,8 @@ reads, and positions filled between replies would only be taken back by the next
 
 A cooldown counts refocus events (one before each reply, one per message that completes a
 block), not the rounds inside one, so a node moved in an event stays put for the rest of
-it: otherwise rounds of one event undo each other and every turn re-prefills the whole
-context. Collapses that make room do not start a cooldown: a span pushed out by new tokens
+it: otherwise rounds of one event undo each other and every turn prefills what they
+churned. Collapses that make room do not start a cooldown: a span pushed out by new tokens
 may come back as soon as a question asks for it.
 """
 
