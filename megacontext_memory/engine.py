@@ -147,6 +147,20 @@ class MegaContextEngine:
             self._sessions.pop(session_id, None)
         return self.store.delete_session(session_id)
 
+    def close(self) -> None:
+        """Close the store (its sessions then raise StoreError); call it when no turn is
+        running. The model stays loaded for other engines. `with MegaContextEngine(...) as
+        engine:` closes on leaving the block."""
+        with self._lock:
+            self._sessions.clear()
+        self.store.close()
+
+    def __enter__(self) -> MegaContextEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class Session:
     """One conversation: a durable tree on disk and a working context in memory."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from megacontext_memory import CheckpointMismatch, check_invariants
+from megacontext_memory import CheckpointMismatch, StoreError, check_invariants
 from megacontext_memory import tree as tree_module
 from megacontext_memory.demo import FACTS, conversation
 from megacontext_memory.models.checkpoint import base_meta, save_gist_stack
@@ -52,6 +53,26 @@ def test_all_raw_working_context_reproduces_base_logits(engine_factory):
     assert (every - ref).abs().max().item() <= 1e-4
     assert last.shape == (1, 1, ref.shape[-1])
     assert (last[0, -1] - ref[0, -1]).abs().max().item() <= 1e-4
+
+
+def test_close_folds_the_log_into_the_index_and_refuses_later_use(engine_factory, tmp_path):
+    path = tmp_path / "closed"
+    with engine_factory(store=path) as engine:
+        s = engine.session("a")
+        s.append("user", "My locker code is 4417.")
+        other = threading.Thread(target=engine.sessions)  # a connection in another thread
+        other.start()
+        other.join()
+        assert (path / "index.db-wal").exists()
+    # SQLite removes the write-ahead log once the last connection to the index closes.
+    assert not (path / "index.db-wal").exists()
+    with pytest.raises(StoreError, match="closed"):
+        s.append("user", "More.")
+    with pytest.raises(StoreError, match="closed"):
+        engine.sessions()
+    engine.close()  # twice is fine
+    again = engine_factory(store=path)
+    assert [m.content for m in again.session("a").messages()] == ["My locker code is 4417."]
 
 
 def test_generate_appends_reply_and_reuses_the_kv_prefix(engine_factory):

@@ -158,6 +158,8 @@ class Store:
         self._creating = not self.db_path.exists()
         self._local = threading.local()
         self._stale: list[sqlite3.Connection] = []
+        self._opened: list[tuple[int, sqlite3.Connection]] = []  # (pid, connection), for close
+        self._closed = False
         self._locks = KeyLocks(self.path / "locks")
         try:
             retry(lambda: self._init_schema())
@@ -193,6 +195,8 @@ class Store:
     @property
     def db(self) -> sqlite_utils.Database:
         """A per-thread (and per-process) connection: WAL, FULL sync, long busy timeout."""
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
         db = getattr(self._local, "db", None)
         if db is not None and self._local.pid != os.getpid():
             # Inherited across fork: never use it, and never let it be closed here.
@@ -209,6 +213,7 @@ class Store:
                 )
             except sqlite3.OperationalError as e:
                 raise StoreError(f"{self.db_path}: cannot open the index ({e})") from None
+            self._opened.append((os.getpid(), conn))
             self._creating = False
             self._local.ino = os.stat(self.db_path).st_ino
             retry(lambda: conn.execute("PRAGMA journal_mode=WAL"))
@@ -218,6 +223,17 @@ class Store:
             db = self._local.db = sqlite_utils.Database(conn)
             self._local.pid = os.getpid()
         return db
+
+    def close(self) -> None:
+        """Close every connection this process opened on the index, in any thread, so
+        SQLite folds its write-ahead log into index.db now rather than when they are
+        collected; using the store afterwards raises StoreError. Closing twice is fine."""
+        self._closed = True
+        pid = os.getpid()
+        for owner, conn in self._opened:
+            if owner == pid:  # a connection inherited across fork is the parent's to close
+                conn.close()
+        self._opened = []
 
     def query(self, sql: str, params: list | tuple = ()) -> list[dict]:
         """Rows of a read query as dicts (retried while the database is busy)."""
