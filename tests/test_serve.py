@@ -265,6 +265,18 @@ def test_native_endpoints(server):
     assert server.request("GET", "/v1/sessions/native-1/messages")[0] == 404
 
 
+def test_a_stopped_server_closes_its_store(tmp_path):
+    """SIGTERM: uvicorn lets requests finish and shuts the app down, which closes the
+    engine's store, so SQLite folds its write-ahead log into the index before the process
+    exits."""
+    server = Server(tmp_path / "store").start()
+    msgs = {"messages": [{"role": "user", "content": "Note: the boat is called Heron."}]}
+    assert server.request("POST", "/v1/sessions/s/messages", msgs)[0] == 200
+    assert (tmp_path / "store" / "index.db-wal").exists()
+    server.stop()
+    assert not (tmp_path / "store" / "index.db-wal").exists()
+
+
 def test_concurrent_clients_stay_isolated_and_survive_sigkill(tmp_path):
     """8 clients x 10 turns at once, all opening alike; then SIGKILL and a restart."""
     server = Server(tmp_path / "store").start()

@@ -36,6 +36,7 @@ across the event loop, and turns of different sessions run side by side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import queue
@@ -330,11 +331,21 @@ def create_app(
     model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     default_max_tokens: int = 256,
+    close_engine: bool = False,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` (one per process; see `megacontext serve`)."""
+    """The FastAPI app serving `engine` (one per process; see `megacontext serve`). With
+    `close_engine`, the engine is closed when the app shuts down, after the requests in
+    flight have finished (for an app that owns its engine, as `megacontext serve`'s)."""
     name = model_name or ("megacontext-" + Path(engine.base.name).name)
     server = Server(engine, name, default_max_tokens)
-    app = FastAPI(title="megacontext", version="0.1.0")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_engine:
+            engine.close()
+
+    app = FastAPI(title="megacontext", version="0.1.0", lifespan=lifespan)
     app.state.server = server
 
     @app.middleware("http")

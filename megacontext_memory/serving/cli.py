@@ -99,6 +99,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         device=args.device,
         **engine_overrides(args.engine_option),
     )
-    app = create_app(engine, api_key=args.api_key, default_max_tokens=args.max_tokens)
+    app = create_app(
+        engine, api_key=args.api_key, default_max_tokens=args.max_tokens, close_engine=True
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
