@@ -42,7 +42,9 @@ def plan(old: list, new: list, mode: str, exact: int | None = None) -> list[int 
     common prefix only, and no more than its first `exact` positions; the last position is
     always computed: its logits lead the reply."""
     last = len(new) - 1
-    limit = min(len(old), last, len(old) if exact is None or mode != "prefix" else exact)
+    limit = min(len(old), last)
+    if mode == "prefix" and exact is not None:
+        limit = min(limit, exact)
     keep = 0
     while keep < limit and old[keep] == new[keep]:
         keep += 1

@@ -244,15 +244,16 @@ class Bench:
         record = built / "built.json"
         if not record.exists():
             shutil.rmtree(built, ignore_errors=True)  # an interrupted build
-            builder = MegaContextEngine(store=built / "store", **self.options[name])
-            ingest = _ingest(builder.session(task.id), task)
+            # Closed before it is recorded: its log is folded into the index it leaves.
+            with MegaContextEngine(store=built / "store", **self.options[name]) as builder:
+                ingest = _ingest(builder.session(task.id), task)
             record.write_text(json.dumps({"task": task.id, "ingest_s": round(ingest, 3)}))
         ingest = json.loads(record.read_text())["ingest_s"]
         copy = self.scratch / f"replay-{name}"
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(built / "store", copy)
-        replay = MegaContextEngine(store=copy, **self.options[name])
-        answer = self._reply(replay.session(task.id), task, ingest)
+        with MegaContextEngine(store=copy, **self.options[name]) as replay:
+            answer = self._reply(replay.session(task.id), task, ingest)
         shutil.rmtree(copy, ignore_errors=True)
         return answer
 
