@@ -66,7 +66,7 @@ class RayServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url, self.log, self.proc = f"http://127.0.0.1:{self.port}", log, None
-        self.gcs_address = ""
+        self.gcs_address, self.store = "", store
         self.cmd = [sys.executable, "-m", "megacontext_memory.cli", "serve", "--ray"]
         self.cmd += ["--replicas", str(REPLICAS), "--store", str(store)]
         self.cmd += ["--port", str(self.port), "--budget", "256", "--max-tokens", "4"]
@@ -266,4 +266,8 @@ def test_unnamed_requests_and_other_paths_reach_a_fixed_replica(server):
 
 
 def test_sigterm_shuts_down_cleanly(server):
+    """Every replica closes its engine as Serve stops it, so the store's write-ahead log
+    is folded into the index before the server exits."""
+    assert server.store.joinpath("index.db-wal").exists()
     assert server.stop() == 0, server.tail()
+    assert not server.store.joinpath("index.db-wal").exists(), server.tail()

@@ -147,6 +147,13 @@ class Shard:
         self.app = create_app(self.engine, **app_options)
         self._tasks: set[asyncio.Task] = set()
 
+    def __del__(self) -> None:
+        """Serve calls this once as the replica stops, after its requests in flight: the
+        store's connections close, so SQLite folds its write-ahead log into the index."""
+        engine = getattr(self, "engine", None)  # None when __init__ failed
+        if engine is not None:
+            engine.close()
+
     async def forward(self, method: str, path: str, query: bytes, headers: list, body: bytes):
         """The app's answer to one request: {"status", "headers"} first, then body bytes."""
         sent: asyncio.Queue = asyncio.Queue()
