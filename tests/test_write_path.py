@@ -7,8 +7,11 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from megacontext_memory.demo import conversation
+from megacontext_memory.models import base as base_module
+from megacontext_memory.models.base import resolve_dtype
 from megacontext_memory.store import Store
 from megacontext_memory.store.fsck import fsck
 
@@ -119,8 +122,8 @@ def test_sessions_of_one_process_share_gisting_batches(engine_factory, tmp_path)
 def test_half_precision_model(engine_factory):
     """The path CUDA takes by default (a half-precision model), run on the CPU in bfloat16."""
     e = engine_factory(model_dtype="bfloat16", working_budget=256, gist_refine_steps=2)
-    assert next(e.base.model.parameters()).dtype.is_floating_point
-    assert str(next(e.base.model.parameters()).dtype) == "torch.bfloat16"
+    assert e.base.dtype == torch.bfloat16
+    assert e.session("empty").generate(max_new_tokens=2)  # an empty history, then the prompt
     s = e.session("half")
     s.extend(conversation(e.base, 500))  # longer than the budget: gists are shown, refined
     s.append("user", "Say hello.")
@@ -130,6 +133,18 @@ def test_half_precision_model(engine_factory):
     assert Store(e.store.path).open_session("half").counts()[1] == len(g)
     refined = s.tree.store.refined(list(range(len(g))), e.gister.refine_version)
     assert refined and all(np.isfinite(v).all() for v in refined.values())
+
+
+def test_auto_dtype_is_half_precision_where_the_hardware_computes_it(engine_factory, monkeypatch):
+    """ "auto" resolves once, so it shares the model of the dtype it stands for; on a CPU it
+    is bfloat16 only with native bfloat16 (the CPU's answer is faked for the logic)."""
+    cpu = torch.device("cpu")
+    want = resolve_dtype(cpu)
+    assert engine_factory(model_dtype="auto").base is engine_factory(model_dtype=want).base
+    monkeypatch.setattr(base_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype(cpu) == "bfloat16" and resolve_dtype(cpu, "float32") == "float32"
+    monkeypatch.setattr(base_module, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype(cpu) == "float32" and resolve_dtype(cpu, "bfloat16") == "bfloat16"
 
 
 def test_encode_messages_matches_one_message_at_a_time_across_its_batches(base):

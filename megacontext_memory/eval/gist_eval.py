@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .. import corpora
-from ..config import BLOCK_SIZE, Config
+from ..config import BLOCK_SIZE, MODEL_DTYPES, Config
 from ..models.base import BaseModel
 from ..models.checkpoint import SHIPPED, load_gist_stack
 from ..training import data
@@ -374,7 +374,7 @@ def evaluate(
     beside them: gists after that many gisted blocks, on documents none of `probes` saw."""
     torch.manual_seed(seed)
     stack = stack.to(base.device).eval()
-    out: dict = {"checkpoint": checkpoint}
+    out: dict = {"checkpoint": checkpoint, "model_dtype": str(base.dtype).removeprefix("torch.")}
     t0 = time.time()
     for level in levels:
         per = l1_windows if level == 1 else l2_windows
@@ -475,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score gists after this many blocks shown as level-1 gists, as in the "
         "engine, on held-out documents no training probe saw (0: skip)",
     )
+    p.add_argument(
+        "--model-dtype",
+        choices=MODEL_DTYPES,
+        default="auto",
+        help="the base model's weights, as the engine's model_dtype (auto: half precision "
+        "where the hardware computes it)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
@@ -487,7 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(res: dict) -> str:
-    lines = [f"checkpoint: {res['checkpoint']}  ({res['n_windows']} held-out windows)"]
+    lines = [
+        f"checkpoint: {res['checkpoint']}  ({res['n_windows']} held-out windows, "
+        f"model in {res['model_dtype']})"
+    ]
     refine = res.get("refine", {}).get("steps", 0)
     stored = f"as stored (refined, {refine} steps)" if refine else "as stored (GistNet)"
     for lv in ("L1", "L2"):
@@ -535,7 +545,7 @@ def eval_gist_main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = BaseModel.load(args.model, args.device)
+    base = BaseModel.load(args.model, args.device, args.model_dtype)
     stack, meta = load_gist_stack(args.checkpoint, base, obj.POSITION_CONVENTION)
     levels = tuple(int(x) for x in args.levels.split(",") if x.strip())
     res = evaluate(

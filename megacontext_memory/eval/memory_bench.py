@@ -238,7 +238,8 @@ class Bench:
         from .. import MegaContextEngine
 
         engine = self.engines[name]
-        shaping = [engine.base.name, engine.gister.version, engine.config.gist_dtype]
+        base = engine.base
+        shaping = [base.name, str(base.dtype), engine.gister.version, engine.config.gist_dtype]
         key = json.dumps([*shaping, SYSTEM_PROMPT, task.messages])  # what `_ingest` stores
         built = self.store_cache / f"{task.id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         record = built / "built.json"
@@ -363,7 +364,8 @@ def table(result: dict) -> str:
     sizes = sorted({int(s) for cells in result["systems"].values() for s in cells})
     head = f"{'system':<22}" + "".join(f"{f'{s:,}':>22}" for s in sizes)
     lines = [
-        f"memory bench, split {result['split']}, reader {result['reader']}, "
+        f"memory bench, split {result['split']}, reader {result['reader']} "
+        f"({result['reader_dtype']}), "
         f"working_budget {result['working_budget']}, commit {result['commit']}",
         "accuracy [95% CI] (n)",
         head,
@@ -505,6 +507,7 @@ def run(
             result = {
                 "systems": summarize(rows, list(dict.fromkeys(systems)), sizes),
                 "reader": bench.base.name,
+                "reader_dtype": str(bench.base.dtype).removeprefix("torch."),
                 "working_budget": budget,
                 "split": split,
                 "commit": commit,

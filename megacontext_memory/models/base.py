@@ -40,6 +40,24 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX). Elsewhere
+    torch emulates bfloat16, slower than float32, so "auto" keeps float32 there."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(device: torch.device, dtype: str = "auto") -> str:
+    """The weights' dtype for `dtype` on `device`: "auto" is half precision where the
+    hardware computes it natively (bfloat16 on CUDA where supported, else float16; bfloat16
+    on CPUs with native bfloat16) and float32 elsewhere; other values are kept."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device.type == "cpu" and cpu_has_native_bf16() else "float32"
+
+
 def _default_model_dir() -> Path:
     """Dequantise the packaged GGUF once, then load the cached safetensors copy."""
     target = cache_dir() / "models" / DEFAULT_MODEL
@@ -90,6 +108,7 @@ class BaseModel:
         self.device = device
         emb = self.model.get_input_embeddings().weight
         self.width: int = emb.shape[1]
+        self.dtype: torch.dtype = emb.dtype
         self.embed_rms: float = float(emb.float().pow(2).mean().sqrt())
         self.tokenizer_hash = hashlib.sha256(
             "\n".join(f"{t}\t{i}" for t, i in sorted(tokenizer.get_vocab().items())).encode()
@@ -108,14 +127,11 @@ class BaseModel:
     def load(cls, name: str = "default", device: str | None = None, dtype: str = "auto"):
         """Load the default model (name "default") or any HF causal LM id / local path.
 
-        `dtype` "auto" runs it in half precision on CUDA (bfloat16 where supported, else
-        float16) and in float32 elsewhere; "float32", "bfloat16" or "float16" force one.
+        `dtype` "auto" runs it in half precision where the hardware has it (`resolve_dtype`);
+        "float32", "bfloat16" or "float16" force one.
         """
         dev = pick_device(device)
-        if dtype == "auto":
-            half = dev.type == "cuda"
-            bf16 = half and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if bf16 else "float16" if half else "float32"
+        dtype = resolve_dtype(dev, dtype)
         path = _default_model_dir() if name in ("default", DEFAULT_MODEL) else name
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
