@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from megacontext_memory.config import Config
+from megacontext_memory.demo import conversation
 from megacontext_memory.engine import split_text
 from megacontext_memory.gisting import Gister
 from megacontext_memory.operations.transfer import (
@@ -128,6 +129,23 @@ def test_a_session_deleted_and_created_again_elsewhere_is_never_served_stale(
     assert np.array_equal(fresh.tree.tokens(), s2.tree.tokens())
     fresh.generate(max_new_tokens=4)
     assert len(Store(tmp_path / "st").open_session("x").messages()) == 2
+
+
+def test_reads_racing_a_deletion_raise_session_deleted(engine_factory, tmp_path):
+    """Another process deletes the session between a reader's count and its file read:
+    the reader gets SessionDeleted, not a payload error that reads as a corrupt store."""
+    e1 = engine_factory(store=tmp_path / "st", **FAST)
+    s1 = e1.session("x")
+    s1.extend(conversation(e1.base, 200))
+    s1.make_gists()
+    counts = s1.tree.counts
+    assert counts[1] >= 2
+    assert Store(tmp_path / "st").delete_session("x")  # another process, in effect
+    s1.tree.counts = counts  # the counts read just before the deletion
+    with pytest.raises(SessionDeleted):
+        s1.tree.gist_vectors(1, [0, 1])
+    with pytest.raises(SessionDeleted):
+        s1.store.tokens(0, 32)
 
 
 # 4 ------------------------------------------------------------------------------------

@@ -681,19 +681,29 @@ class SessionStore:
     def tokens(self, start: int = 0, end: int | None = None) -> np.ndarray:
         n = self.counts().get(0, 0)
         end = n if end is None else min(end, n)
-        return self.payload(0).read(start, end)[:, 0].astype(np.int64)
+        return self._read(0, None, start, end)[:, 0].astype(np.int64)
 
     def gists(self, level: int, start: int, end: int, version: str | None = None) -> np.ndarray:
         """Gist records [start, end) of `level` (of GistNet `version`; default: current)."""
         for attempt in range(3):
             v = version or self.gist_version
             try:
-                return self.payload(level, v).read(start, end)
+                return self._read(level, v, start, end)
             except PayloadError:
                 # another process may have re-gisted between reading the version and the file
                 if version is not None or attempt == 2 or v == self.gist_version:
                     raise
         raise AssertionError("unreachable")
+
+    def _read(self, level: int, version: str | None, start: int, end: int) -> np.ndarray:
+        """Records of one payload file. A file that vanished because another thread or
+        process deleted the session after the counts were read is SessionDeleted (the rows
+        go first, then the files), not a fault of the store."""
+        try:
+            return self.payload(level, version).read(start, end)
+        except PayloadError:
+            self.row()  # raises SessionDeleted when this incarnation is gone
+            raise
 
 
 def _message(r: dict) -> Message:
