@@ -374,7 +374,7 @@ def evaluate(
     beside them: gists after that many gisted blocks, on documents none of `probes` saw."""
     torch.manual_seed(seed)
     stack = stack.to(base.device).eval()
-    out: dict = {"checkpoint": checkpoint, "model_dtype": str(base.dtype).removeprefix("torch.")}
+    out: dict = {"checkpoint": checkpoint, "model_dtype": base.dtype_name}
     t0 = time.time()
     for level in levels:
         per = l1_windows if level == 1 else l2_windows

@@ -323,7 +323,7 @@ def run(
         return {
             **headline(rows),
             "device": _device_name(engine.base.device),
-            "model_dtype": str(engine.base.dtype).removeprefix("torch."),
+            "model_dtype": engine.base.dtype_name,
             "config": engine.config.to_dict(),
             "sizes": rows,
             "command": command or ["megacontext", "bench", "latency"],

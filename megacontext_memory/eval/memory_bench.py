@@ -239,7 +239,7 @@ class Bench:
 
         engine = self.engines[name]
         base = engine.base
-        shaping = [base.name, str(base.dtype), engine.gister.version, engine.config.gist_dtype]
+        shaping = [base.name, base.dtype_name, engine.gister.version, engine.config.gist_dtype]
         key = json.dumps([*shaping, SYSTEM_PROMPT, task.messages])  # what `_ingest` stores
         built = self.store_cache / f"{task.id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         record = built / "built.json"
@@ -507,7 +507,7 @@ def run(
             result = {
                 "systems": summarize(rows, list(dict.fromkeys(systems)), sizes),
                 "reader": bench.base.name,
-                "reader_dtype": str(bench.base.dtype).removeprefix("torch."),
+                "reader_dtype": bench.base.dtype_name,
                 "working_budget": budget,
                 "split": split,
                 "commit": commit,

@@ -111,6 +111,7 @@ class BaseModel:
         emb = self.model.get_input_embeddings().weight
         self.width: int = emb.shape[1]
         self.dtype: torch.dtype = emb.dtype
+        self.dtype_name = str(emb.dtype).removeprefix("torch.")  # "bfloat16", as in Config
         self.embed_rms: float = float(emb.float().pow(2).mean().sqrt())
         self.tokenizer_hash = hashlib.sha256(
             "\n".join(f"{t}\t{i}" for t, i in sorted(tokenizer.get_vocab().items())).encode()
