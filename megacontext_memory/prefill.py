@@ -93,7 +93,7 @@ def prefill(
     # Each computed position attends to every position before it in the new order (the
     # kept ones first in the cache, then the computed ones) and to itself.
     allowed = torch.cat([kept_at[None, :] < at[:, None], at[None, :] <= at[:, None]], dim=1)
-    dtype = base.model.dtype
+    dtype = base.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=base.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     logits, out = base.forward(embeds[at][None], at[None], out, mask[None, None])

