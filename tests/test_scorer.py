@@ -30,6 +30,13 @@ def test_incremental_presence_equals_a_fresh_scan():
         got = incremental.relevance(wc, tree, query)
         want = HeuristicScorer().relevance(wc, tree, query)
         assert np.array_equal(got, want)
+        # the next round of the same turn reuses the windows; a query of the same terms but
+        # another length starts the question elsewhere, so its windows are its own
+        assert np.array_equal(incremental.relevance(wc, tree, query), want)
+        longer = query * 40
+        assert np.array_equal(
+            incremental.relevance(wc, tree, longer), HeuristicScorer().relevance(wc, tree, longer)
+        )
         hits += int((got > 0).sum())
         got_p, want_p = incremental._presence(tree, query), HeuristicScorer()._presence(tree, query)
         assert all(np.array_equal(a, b) for a, b in zip(got_p, want_p, strict=True))

@@ -59,6 +59,7 @@ class HeuristicScorer:
         self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
         self.max_span_chance = max_span_chance
         self._cache: tuple | None = None
+        self._signed: tuple | None = None  # (prefix, query length, signed windows)
 
     def _presence(self, tree: MegaContextTree, query: list[int]):
         """Prefix sums over blocks of each informative query token, the tokens' weights, and
@@ -78,12 +79,15 @@ class HeuristicScorer:
             return result
         first = done // K  # the block that may still have been filling
         toks = tree.tokens(first * K, n)
-        nb_new = -(-len(toks) // K)
-        blocks = np.full(nb_new * K, -1, np.int64)
-        blocks[: len(toks)] = toks
-        blocks = blocks.reshape(nb_new, K)
-        new = np.stack([(blocks == t).any(1) for t in terms]) if len(terms) else None
-        present = np.concatenate([present[:, :first], new], 1) if new is not None else present
+        new = np.zeros((len(terms), -(-len(toks) // K)), bool)
+        if len(terms) and len(toks):
+            # one pass over the tokens: each one's term number (-1: not a query term)
+            term_of = np.full(int(max(terms.max(), toks.max())) + 1, -1, np.int32)
+            term_of[terms] = np.arange(len(terms))
+            found = term_of[toks]
+            at = np.flatnonzero(found >= 0)
+            new[found[at], at // K] = True
+        present = np.concatenate([present[:, :first], new], 1)
         nb = -(-n // K)
         df = present.sum(1)
         weight = np.log((nb + 1) / (df + 1))
@@ -102,10 +106,7 @@ class HeuristicScorer:
         b0 = np.array([e.start // K for e in wc.entries])
         if self.window_blocks:
             nb = prefix.shape[1] - 1
-            found, window = self._windows(prefix, weight)
-            # the question itself (the newest tokens) holds every query token: it is no rival
-            asked = max(0, (tree.n_tokens - len(query) - K) // K - self.window_blocks + 1)
-            window[self._lookalikes(found, weight, window, asked)] *= -1.0
+            window = self._signed_windows(prefix, weight, tree.n_tokens, len(query))
             # Entries tile the history in order: each takes its strongest window (a segment
             # max), signed: a look-alike only where no better match shares the entry.
             at = np.minimum(b0, nb - 1)
@@ -124,6 +125,20 @@ class HeuristicScorer:
         spill[1:] = np.maximum(spill[1:], rel[:-1])
         spill[:-1] = np.maximum(spill[:-1], rel[1:])
         return np.where(rel < 0, rel, np.maximum(rel, self.neighbour_share * spill))
+
+    def _signed_windows(
+        self, prefix: np.ndarray, weight: np.ndarray, n_tokens: int, query_len: int
+    ) -> np.ndarray:
+        """Each window's relevance, negative for look-alikes. It depends on the history and
+        the query alone, so the refocus rounds of a turn share it (the same `prefix`)."""
+        if self._signed is not None and self._signed[0] is prefix and self._signed[1] == query_len:
+            return self._signed[2]
+        found, window = self._windows(prefix, weight)
+        # the question itself (the newest tokens) holds every query token: it is no rival
+        asked = max(0, (n_tokens - query_len - K) // K - self.window_blocks + 1)
+        window[self._lookalikes(found, weight, window, asked)] *= -1.0
+        self._signed = (prefix, query_len, window)
+        return window
 
     def _windows(self, prefix: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """found [terms, windows]: each informative query token in each window of

@@ -256,10 +256,16 @@ class BaseModel:
             position_ids=position_ids,
             attention_mask=mask,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=self._rows(inputs_embeds.shape[1] - 1, inputs_embeds.shape[1]),
             **{self.cache_kwarg: cache},
         )
         return out.logits, cache
+
+    def _rows(self, start: int, end: int) -> torch.Tensor:
+        """The positions [start, end) whose logits a forward pass keeps, as indices: the LM
+        head over a slice of a longer sequence ([B, 1, d] strided by T) takes torch's batched
+        path, which copies the whole 49k-row head first (40 ms on a CPU; 2 ms this way)."""
+        return torch.arange(start, end, device=self.device)
 
     @torch.no_grad()
     def continuation_logprobs(
@@ -281,7 +287,7 @@ class BaseModel:
                 inputs_embeds=self.embed(seq)[None],
                 position_ids=positions,
                 use_cache=True,
-                logits_to_keep=len(ids) + 1,
+                logits_to_keep=self._rows(len(lead) - 1, len(seq)),
                 **{self.cache_kwarg: cache},
             ).logits[0, :-1]
             cache.crop(-len(seq))  # back to the context alone
