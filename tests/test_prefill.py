@@ -161,3 +161,27 @@ def test_a_model_without_rotary_positions_falls_back_to_prefix(base, monkeypatch
         done = prefill(base, cache, old_keys, new_keys, embeds, "shift")
     assert done.reused == 0 and done.exact == len(new_keys)
     assert done.cache.get_seq_length() == len(new_keys)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "shift"])
+def test_padded_half_precision_forwards_equal_unpadded_ones(engine_factory, monkeypatch, mode):
+    """On CPU a half-precision forward is padded to one of a few lengths (oneDNN keeps a
+    kernel per shape). The padding must change nothing but rounding: the causal prefill and
+    the shifted one (explicit mask) keep the same logits and cache, cropped to the real
+    positions."""
+    base = engine_factory(model_dtype="bfloat16").base
+    if base.device.type != "cpu":
+        pytest.skip("the padding is for CPU kernels")
+    lengths = {n + base._padding(n) for n in range(2, 1025)}
+    assert len(lengths) <= 20 and all(n + base._padding(n) >= n for n in range(2, 1025))
+    (_, fresh), padded, (a, b2, c) = _changed(base, "longer")
+    assert base._padding(a + b2 + c) > 0 and base._padding(b2 + 1) > 0  # both forwards pad
+    monkeypatch.setattr(base, "_padding", lambda n: 0)
+    (_, fresh_plain), plain, _ = _changed(base, "longer")
+    pairs = [(fresh, fresh_plain), (padded[mode][1], plain[mode][1])]
+    for got, want in pairs:
+        assert got.get_seq_length() == want.get_seq_length() == a + b2 + c
+        for x, y in zip(got.layers, want.layers, strict=True):
+            for u, v in ((x.keys.float(), y.keys.float()), (x.values.float(), y.values.float())):
+                assert (u - v).norm() <= 0.01 * v.norm()  # bfloat16 rounds at 0.4%
+    assert _kl(plain[mode][0][0, -1], padded[mode][0][0, -1]) < 0.02
