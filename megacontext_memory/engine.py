@@ -86,7 +86,9 @@ def make_scorer(config: Config, base: BaseModel):
     if config.scorer == "lensnet":
         path = LENS_SHIPPED if config.lens_checkpoint == "default" else config.lens_checkpoint
         return LensScorer(_shared_lens(str(path), base), base)
-    return HeuristicScorer(recency_scale=float(config.recency_tokens))
+    return HeuristicScorer(
+        recency_scale=float(config.recency_tokens), relevance_floor=config.relevance_floor
+    )
 
 
 @functools.lru_cache(maxsize=4)

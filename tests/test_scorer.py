@@ -152,3 +152,21 @@ def test_the_tail_of_the_answer_note_is_no_look_alike_of_an_older_note():
     assert rel[100] == pytest.approx(1.0) and rel[300] == pytest.approx(1.0)
     assert rel[301] > 0  # holds 3 and 4 and 5: half the question's weight or more
     assert rel[400] < 0
+
+
+def test_a_relevance_floor_leaves_weak_partial_matches_to_recency():
+    """A window matching one word of the question is no match under `relevance_floor`;
+    the note, the best match before the question, keeps its relevance although the
+    question itself (the newest tokens) holds more of the query than the note does."""
+    k, n_blocks = 32, 512
+    tokens = np.random.default_rng(4).integers(100, 5000, n_blocks * k)
+    name, template = 1, [3, 4, 5]
+    tokens[100 * k + 3 : 100 * k + 6] = [3, 4, name]  # the note: three of the four words
+    tokens[300 * k + 5] = 3  # filler sharing one word
+    question = template + [name]
+    tree, wc = _asked_at_the_end(tokens, question)
+    plain = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, question)
+    floor = HeuristicScorer(neighbour_share=0.0, relevance_floor=0.8).relevance(wc, tree, question)
+    assert plain[300] > 0 and floor[300] == 0
+    assert floor[100] == plain[100] > 0.5
+    assert np.array_equal(floor > 0, (plain > 0) & (plain >= 0.8 * plain[100]))

@@ -19,6 +19,13 @@ all picks the wrong one about as often as the right one. A window whose query to
 a subset of another window's (a sibling lacks the asked name, a superseded note the words
 of its update) is a look-alike: its relevance turns negative, and the focus spends the
 budget on anything else first, so look-alikes stay gists.
+
+A match can also be too weak to count. A window holding a word or two of the question ("dog",
+"name") but none of what sets the asked fact apart is not evidence, yet scored positive it
+is where the budget left after the note goes, and a small reader answers from it ("her dog
+Crystal"). With `relevance_floor`, a window matching less than that share of the best
+match's query weight (the best before the question itself) counts as no match, and such
+text is shown only as recency allows.
 """
 
 from __future__ import annotations
@@ -51,9 +58,11 @@ class HeuristicScorer:
         neighbour_share: float = 0.6,
         window_blocks: int = 2,
         lookalike_share: float = 0.5,
+        relevance_floor: float = 0.0,
     ):
         self.window_blocks = window_blocks  # 0: the span rule (see the module docstring)
         self.lookalike_share = lookalike_share  # 1.0: no window is a look-alike
+        self.relevance_floor = relevance_floor  # 0: every match counts (LensNet's feature)
         self.neighbour_share = neighbour_share
         self.recency_scale, self.relevance_weight, self.bias = recency_scale, relevance_weight, bias
         self.max_doc_freq = max_doc_freq  # query tokens in more blocks than this are not evidence
@@ -137,6 +146,8 @@ class HeuristicScorer:
         # the question itself (the newest tokens) holds every query token: it is no rival
         asked = max(0, (n_tokens - query_len - K) // K - self.window_blocks + 1)
         window[self._lookalikes(found, weight, window, asked)] *= -1.0
+        best = window[:asked].max(initial=0.0)
+        window[(window > 0) & (window < self.relevance_floor * best)] = 0.0
         self._signed = (prefix, query_len, window)
         return window
 
