@@ -138,8 +138,9 @@ class HeuristicScorer:
     def _signed_windows(
         self, prefix: np.ndarray, weight: np.ndarray, n_tokens: int, query_len: int
     ) -> np.ndarray:
-        """Each window's relevance, negative for look-alikes. It depends on the history and
-        the query alone, so the refocus rounds of a turn share it (the same `prefix`)."""
+        """Each window's relevance: negative for look-alikes, 0 below the floor. It depends
+        on the history and the query alone, so a turn's refocus rounds share it (the same
+        `prefix`)."""
         if self._signed is not None and self._signed[0] is prefix and self._signed[1] == query_len:
             return self._signed[2]
         found, window = self._windows(prefix, weight)

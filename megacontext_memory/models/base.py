@@ -251,7 +251,8 @@ class BaseModel:
         """Logits [B, 1, V] of the last position for embeddings [B, T, d] at explicit
         positions; extends `cache`. Only the last position predicts the next token: the LM
         head over a whole 1,024-position prefill would cost 200 MB and a sixth of its time.
-        `mask` [B, 1, T, cached + T] (additive) replaces the causal mask."""
+        `mask` [B, 1, T, cached + T] (additive) replaces the causal mask. On a CPU in half
+        precision the sequence runs padded to one of a few lengths (`_padding`)."""
         cache = cache if cache is not None else DynamicCache()
         n = inputs_embeds.shape[1]
         pad = self._padding(n)
