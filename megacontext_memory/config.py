@@ -95,6 +95,8 @@ class Config:
             raise ValueError(f"tau_expand must be >= 0, got {self.tau_expand}")
         if self.recency_tokens < 1:
             raise ValueError(f"recency_tokens must be >= 1, got {self.recency_tokens}")
+        if not 0.0 <= self.relevance_floor <= 1.0:
+            raise ValueError(f"relevance_floor must be in [0, 1], got {self.relevance_floor}")
         if self.max_moves < 1 or self.cooldown < 0 or self.refocus_rounds < 1:
             raise ValueError("max_moves >= 1, cooldown >= 0 and refocus_rounds >= 1 are required")
         if self.gist_refine_per_turn < 1:

@@ -306,7 +306,13 @@ def test_import_replace_builds_aside_and_swaps_or_leaves_the_original(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("gist_refine_per_turn", 0), ("recency_tokens", 0), ("working_budget", 64), ("scorer", "x")],
+    [
+        ("gist_refine_per_turn", 0),
+        ("recency_tokens", 0),
+        ("relevance_floor", 1.5),
+        ("working_budget", 64),
+        ("scorer", "x"),
+    ],
 )
 def test_config_refuses_a_bad_value_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
