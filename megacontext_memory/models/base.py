@@ -272,8 +272,8 @@ class BaseModel:
 
     def _padding(self, n: int) -> int:
         """Positions to add after `n` so that a CPU forward in half precision sees one of a
-        few lengths. oneDNN compiles and keeps a kernel per input shape (~0.5 MB each, up to
-        1,024 of them), and each turn's prefill has a length of its own, so the heap would
+        few lengths. oneDNN compiles and keeps a kernel per input shape (up to 1,024 of them
+        by default), and each turn's prefill has a length of its own, so the heap would
         grow by megabytes a turn for a long while; padded, it stops at 20 lengths up to
         1,024 (steps of 16 up to 128, then an eighth of the length), for at most 15 more
         positions or 12% more."""
@@ -285,7 +285,7 @@ class BaseModel:
     def _rows(self, start: int, end: int) -> torch.Tensor:
         """The positions [start, end) whose logits a forward pass keeps, as indices: the LM
         head over a slice of a longer sequence ([B, 1, d] strided by T) takes torch's batched
-        path, which copies the whole 49k-row head first (40 ms on a CPU; 2 ms this way)."""
+        path, which copies the whole 49k-row head first (`bench latency`, README)."""
         return torch.arange(start, end, device=self.device)
 
     @torch.no_grad()
