@@ -51,9 +51,7 @@ def _scorers(engine, seed: int) -> dict:
     cfg = engine.config
     return {
         "lensnet": make_scorer(cfg.with_(scorer="lensnet"), engine.base),
-        "heuristic": HeuristicScorer(
-            recency_scale=float(cfg.recency_tokens), relevance_floor=cfg.relevance_floor
-        ),
+        "heuristic": make_scorer(cfg.with_(scorer="heuristic"), engine.base),
         "recency": HeuristicScorer(recency_scale=float(cfg.recency_tokens), relevance_weight=0),
         "random": RandomScorer(seed),
     }
