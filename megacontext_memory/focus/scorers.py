@@ -190,10 +190,12 @@ class HeuristicScorer:
         cand = cand[np.argsort(-window[cand], kind="stable")[:512]]  # the strongest matches
         if len(cand) < 2:
             return out
-        has = found[:, cand].T.astype(np.float32)  # [cand, terms]
-        wmask = (weight > 0).astype(np.float32)
-        # missing[w, v]: informative terms window w holds and window v lacks
-        missing = (has * wmask) @ (1.0 - has).T
+        has = torch.from_numpy(found[:, cand].T.astype(np.float32))  # [cand, terms]
+        wmask = torch.from_numpy((weight > 0).astype(np.float32))
+        # missing[w, v]: informative terms window w holds and window v lacks. A torch
+        # product, not numpy's: numpy's BLAS threads spin for a while after each call and
+        # on a small CPU took a core from the model's prefill (twice as slow, `bench latency`).
+        missing = ((has * wmask) @ (1.0 - has).T).numpy()
         strict = window[cand][None, :] > window[cand][:, None]  # v holds more weight than w
         near = np.abs(cand[:, None] - cand[None, :]) < self.window_blocks  # overlapping
         close = window[cand][:, None] >= self.lookalike_share * window[cand][None, :]
