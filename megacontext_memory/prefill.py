@@ -85,9 +85,9 @@ def prefill(
     out = DynamicCache()
     kept_at = torch.as_tensor(kept, device=base.device)
     src = torch.as_tensor([sources[i] for i in kept], device=base.device)
-    delta = kept_at - src
+    shift = base.key_shift(kept_at - src)
     for layer, cached in enumerate(cache.layers):
-        keys = base.shift_keys(cached.keys[..., src, :], delta)
+        keys = shift(cached.keys[..., src, :])
         out.update(keys, cached.values[..., src, :], layer)
     at = torch.as_tensor(fresh, device=base.device)
     # Each computed position attends to every position before it in the new order (the

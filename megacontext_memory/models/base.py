@@ -125,7 +125,7 @@ class BaseModel:
         self._trunks: dict[int, torch.nn.Module] = {}
         rotary = getattr(getattr(self.model, "model", None), "rotary_emb", None)
         plain = getattr(rotary, "rope_type", None) == "default"
-        # Rotary frequencies when keys can be moved to other positions (`shift_keys`).
+        # Rotary frequencies when keys can be moved to other positions (`key_shift`).
         self.rotary_inv_freq: torch.Tensor | None = rotary.inv_freq.float() if plain else None
 
     @classmethod
@@ -231,15 +231,20 @@ class BaseModel:
         out = trunk(input_ids=flat, position_ids=pos, use_cache=False).last_hidden_state
         return out.reshape(*ids.shape, self.width)
 
-    def shift_keys(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Cached keys [..., T, head_dim] moved `delta` [T] positions on: rotary embeddings
-        compose, so rotating by `delta` gives the key the same token would have there."""
-        angles = delta[:, None].float() * self.rotary_inv_freq.to(keys.device)[None]
-        angles = torch.cat((angles, angles), dim=-1)
-        k = keys.float()
-        half = k.shape[-1] // 2
-        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-        return (k * angles.cos() + rotated * angles.sin()).to(keys.dtype)
+    def key_shift(self, delta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function moving cached keys [..., T, head_dim] `delta` [T] positions on: rotary
+        embeddings compose, so rotating by `delta` gives the key the same token would have
+        there. The rotation is made once, for every layer's keys."""
+        angles = delta[:, None].float() * self.rotary_inv_freq.to(delta.device)[None]
+        cos, sin = angles.cos(), angles.sin()
+
+        def shift(keys: torch.Tensor) -> torch.Tensor:
+            k = keys.float()
+            first, second = k[..., : cos.shape[-1]], k[..., cos.shape[-1] :]
+            moved = (first * cos - second * sin, second * cos + first * sin)
+            return torch.cat(moved, dim=-1).to(keys.dtype)
+
+        return shift
 
     def forward(
         self,
