@@ -87,7 +87,9 @@ def make_scorer(config: Config, base: BaseModel):
         path = LENS_SHIPPED if config.lens_checkpoint == "default" else config.lens_checkpoint
         return LensScorer(_shared_lens(str(path), base), base)
     return HeuristicScorer(
-        recency_scale=float(config.recency_tokens), relevance_floor=config.relevance_floor
+        recency_scale=float(config.recency_tokens),
+        relevance_floor=config.relevance_floor,
+        prefer_latest=config.prefer_latest,
     )
 
 

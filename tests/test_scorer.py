@@ -170,3 +170,24 @@ def test_a_relevance_floor_leaves_weak_partial_matches_to_recency():
     assert plain[300] > 0 and floor[300] == 0
     assert floor[100] == plain[100] > 0.5
     assert np.array_equal(floor > 0, (plain > 0) & (plain >= 0.8 * plain[100]))
+
+
+def test_an_older_note_matched_as_well_by_a_later_one_is_a_look_alike_of_it():
+    """An update states the asked-about fact again: the same query tokens, later (across a
+    block edge). With `prefer_latest` the older note turns look-alike and the update keeps
+    its relevance, tail included; the question itself (newest) supersedes nothing, nor does
+    a weak match repeated later (one word of the question, twice)."""
+    k, n_blocks = 32, 512
+    tokens = np.random.default_rng(6).integers(100, 5000, n_blocks * k)
+    name, other, template = 1, 2, [3, 4, 5]
+    tokens[100 * k + 3 : 100 * k + 7] = template + [name]  # the note
+    tokens[300 * k + 30 : 300 * k + 34] = [name, 3, 4, 5]  # the update: blocks 300 and 301
+    tokens[400 * k + 3 : 400 * k + 7] = template + [other]  # a sibling
+    tokens[450 * k + 5] = tokens[470 * k + 5] = 3  # filler sharing one word, twice
+    question = template + [name]
+    tree, wc = _asked_at_the_end(tokens, question)
+    plain = HeuristicScorer(neighbour_share=0.0).relevance(wc, tree, question)
+    latest = HeuristicScorer(neighbour_share=0.0, prefer_latest=True).relevance(wc, tree, question)
+    assert plain[100] == pytest.approx(1.0) and latest[100] < 0
+    assert latest[300] == pytest.approx(1.0) and latest[301] > 0 and latest[400] < 0
+    assert latest[450] == plain[450] > 0

@@ -20,6 +20,11 @@ a subset of another window's (a sibling lacks the asked name, a superseded note 
 of its update) is a look-alike: its relevance turns negative, and the focus spends the
 budget on anything else first, so look-alikes stay gists.
 
+Notes also get updated ("the budget for the Marwick project is now ..."): the update holds
+the question's tokens as the note it replaces does, and a small reader shown both often
+gives the older value, though told to give the latest. With `prefer_latest`, a window whose
+query tokens a later window holds too, all of them and no others, is a look-alike of it.
+
 A match can also be too weak to count. A window holding a word or two of the question ("dog",
 "name") but none of what sets the asked fact apart is not evidence, yet scored positive it
 is where the budget left after the note goes, and a small reader answers from it ("her dog
@@ -59,7 +64,10 @@ class HeuristicScorer:
         window_blocks: int = 2,
         lookalike_share: float = 0.5,
         relevance_floor: float = 0.0,
+        prefer_latest: bool = False,
     ):
+        # an older note that a later one matches as well as it (an update) is a look-alike
+        self.prefer_latest = prefer_latest
         self.window_blocks = window_blocks  # 0: the span rule (see the module docstring)
         self.lookalike_share = lookalike_share  # 1.0: no window is a look-alike
         self.relevance_floor = relevance_floor  # 0: every match counts (LensNet's feature)
@@ -181,7 +189,9 @@ class HeuristicScorer:
         are the ones a small reader confuses with the answer, so they stay gists. A window
         that merely shares a few of the question's words is no look-alike, nor is one that
         a window overlapping it covers (a note straddling a block edge is seen whole only
-        by the window that starts before the edge).
+        by the window that starts before the edge). With `prefer_latest`, a window holding
+        at least `lookalike_share` of the query weight is a look-alike of a later one that
+        holds exactly its query tokens (the note an update replaces).
         """
         out = np.zeros(len(window), bool)
         if self.lookalike_share >= 1.0:
@@ -201,6 +211,10 @@ class HeuristicScorer:
         close = window[cand][:, None] >= self.lookalike_share * window[cand][None, :]
         before = cand[None, :] < asked  # windows from `asked` on hold the question
         alike = ((missing == 0) & strict & ~near & close & before).any(1)
+        if self.prefer_latest:  # the same query tokens again, later: an update of the note
+            same = (missing == 0) & (missing.T == 0) & (cand[None, :] > cand[:, None])
+            strong = window[cand] >= self.lookalike_share * window[cand].max()
+            alike |= (same & ~near & before).any(1) & strong
         # ... unless a window overlapping it holds all it holds and more and is no look-alike
         # itself: then it is a piece of a better match (the tail of the answer note, whose
         # own windows only see part of it), not a rival.
