@@ -190,8 +190,8 @@ class HeuristicScorer:
         that merely shares a few of the question's words is no look-alike, nor is one that
         a window overlapping it covers (a note straddling a block edge is seen whole only
         by the window that starts before the edge). With `prefer_latest`, a window holding
-        at least `lookalike_share` of the query weight is a look-alike of a later one that
-        holds exactly its query tokens (the note an update replaces).
+        at least `lookalike_share` of the best window's query weight is a look-alike of a
+        later one that holds exactly its query tokens (the note an update replaces).
         """
         out = np.zeros(len(window), bool)
         if self.lookalike_share >= 1.0:
