@@ -204,7 +204,8 @@ class HeuristicScorer:
         wmask = torch.from_numpy((weight > 0).astype(np.float32))
         # missing[w, v]: informative terms window w holds and window v lacks. A torch
         # product, not numpy's: numpy's BLAS threads spin for a while after each call and
-        # on a small CPU took a core from the model's prefill (twice as slow, `bench latency`).
+        # on a small CPU took a core from the model's prefill and decoding (README, "numpy's
+        # BLAS threads").
         missing = ((has * wmask) @ (1.0 - has).T).numpy()
         strict = window[cand][None, :] > window[cand][:, None]  # v holds more weight than w
         near = np.abs(cand[:, None] - cand[None, :]) < self.window_blocks  # overlapping
