@@ -236,11 +236,11 @@ class BaseModel:
         embeddings compose, so rotating by `delta` gives the key the same token would have
         there. The rotation is made once, for every layer's keys."""
         angles = delta[:, None].float() * self.rotary_inv_freq.to(delta.device)[None]
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin, half = angles.cos(), angles.sin(), angles.shape[-1]
 
         def shift(keys: torch.Tensor) -> torch.Tensor:
             k = keys.float()
-            first, second = k[..., : cos.shape[-1]], k[..., cos.shape[-1] :]
+            first, second = k[..., :half], k[..., half:]
             moved = (first * cos - second * sin, second * cos + first * sin)
             return torch.cat(moved, dim=-1).to(keys.dtype)
 
