@@ -150,6 +150,16 @@ class MegaContextEngine:
         """Ids of every session in the store, oldest first."""
         return self.store.sessions()
 
+    def release(self, session_id: str) -> bool:
+        """Drop this engine's hold on session `session_id`: its KV cache (some 20 MB at the
+        default budget), token array and working context are freed once no one else holds
+        the handle, so a process serving many sessions can bound its memory. Nothing stored
+        changes; the next `session(session_id)` reopens it from the store and prefills its
+        window afresh. A handle kept elsewhere goes on working, as one in another process
+        would. False if the session was not open here."""
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
     def delete_session(self, session_id: str) -> bool:
         """Delete a session's messages, tree and files. False if it did not exist."""
         with self._lock:

@@ -171,6 +171,27 @@ def test_sessions_persist_list_and_delete(engine_factory, tmp_path):
     assert other.sessions() == [] and other.delete_session("user-42") is False
 
 
+def test_a_released_session_reopens_from_the_store_and_the_old_handle_still_works(
+    engine_factory,
+):
+    engine = engine_factory()
+    s = engine.session("kept")
+    s.append("user", "My locker number is 4417.")
+    s.generate(max_new_tokens=4)
+    assert engine.release("kept") is True and engine.release("kept") is False
+    assert engine.release("never-opened") is False
+    again = engine.session("kept")
+    assert again is not s and again.token_count() == s.token_count()
+    assert [m.content for m in again.messages()] == [m.content for m in s.messages()]
+    s.append("user", "And my bike is blue.")  # the released handle, like another process
+    again.append("user", "What colour is my bike?")
+    assert [m.content for m in again.messages()][-2:] == [
+        "And my bike is blue.",
+        "What colour is my bike?",
+    ]
+    assert again.generate(max_new_tokens=4) and engine.session("kept") is again
+
+
 @pytest.mark.parametrize(
     "role, content, metadata, error",
     [

@@ -1,20 +1,25 @@
 """`megacontext bench latency`: what writing and answering cost as the history grows.
 
-At each history size one session is grown (from the size before) and measured:
+Each history size gets its own session. First, size by size, with that session alone open:
 
-  build    `Session.extend` of chat messages, the durable ingest alone, then `make_gists()`
-           on its own: ingest and gisting tokens/s, and the build time of both
+  build    `Session.extend` of chat messages from nothing to the size, the durable ingest
+           alone, then `make_gists()` on its own: ingest and gisting tokens/s, build time
   append   single `Session.append` calls of 20-60-token chat messages, no turn between
            them (the durable commit a client waits for; gists are deferred): p50/p95 ms
-  turns    a user question appended + a reply of `--reply` tokens, after one untimed
-           warm-up turn: the telemetry split (ingest, gist, score, allocate, prefill,
-           decode), the turn's wall time, positions used and prefilled
+  memory   RSS after one turn (heap vs mapped files), and the bytes the store grew by
+
+Then the timed turns, round-robin over the sizes after a warm-up turn each (so that a slow
+minute of the machine slows every size alike, not the one measured in it):
+
+  turns    a user question appended + a reply of `--reply` tokens: the telemetry split
+           (ingest, gist, score, allocate, prefill, decode), the turn's wall time,
+           positions used and prefilled
   bare     the bare model on the very window the turn read (gists and raw tokens as
            inputs_embeds, from an empty KV cache, the same number of greedy tokens):
            `engine_over_bare` = median turn / median bare prefill+decode; and whether
            its greedy reply begins with the engine's (`reply_agreement`: how often a
-           turn's reused KV cache changed no word of the reply)
-  memory   RSS after the turns (heap vs mapped files) and the store's bytes on disk
+           turn's reused KV cache changed no word of the reply). Its own max/min ratio over
+           the sizes shows how much the machine drifted (`bare_ratio_max_over_min`).
 
 The working context is capped at the budget, so a turn should cost the same at 1k and 1M
 tokens; only the build grows with the history.
@@ -27,6 +32,7 @@ tokens; only the build grows with the history.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import resource
@@ -168,19 +174,20 @@ def _bare(engine, wc, tree, n_new: int) -> dict:
     }
 
 
-def _measure_size(engine, s, size, chat, typical, turns, reply, progress, log) -> dict:
-    base, tree = engine.base, s.tree
-    # Build: the durable ingest alone, then the gists of every new block in one batch.
-    start = s.token_count()
-    log(f"history {start} -> {size} tokens: extend")
-    ingest_s = _grow(s, size, chat, progress)
-    built = s.token_count() - start
-    log(f"history {s.token_count()} tokens: make_gists")
-    l1 = tree.count(1)
+def _build_size(engine, sid, size, typical, reply, progress, log) -> dict:
+    """Phase one at one size: session `sid` built from nothing to `size` tokens, then the
+    appends, one turn (the window and KV cache a session holds), memory and disk."""
+    s, store = engine.session(sid), Path(engine.store.path)
+    disk_before = _disk_bytes(store)
+    cap = 2 * engine.config.working_budget  # chars: keeps every message under the budget
+    log(f"{sid}: extend to {size} tokens")
+    ingest_s = _grow(s, size, _chat(1, cap), progress)
+    built = s.token_count()
+    log(f"{sid}: make_gists")
     t0 = time.perf_counter()
     gists = s.make_gists(progress=progress)
     gist_s = time.perf_counter() - t0
-    gisted = (tree.count(1) - l1) * engine.config.block_size
+    gisted = s.tree.count(1) * engine.config.block_size
     build = {
         "tokens": built,
         "ingest_s": round(ingest_s, 3),
@@ -193,70 +200,72 @@ def _measure_size(engine, s, size, chat, typical, turns, reply, progress, log) -
     }
 
     # Appends: single chat messages committed one at a time, no turn between them.
-    log(f"history {s.token_count()} tokens: {len(typical)} appends")
+    log(f"{sid}: {len(typical)} appends")
     append_ms = []
     for role, text in typical:
         t0 = time.perf_counter()
         s.append(role, text)
         append_ms.append((time.perf_counter() - t0) * 1000)
-    s.make_gists()
     append = {
         "n": len(append_ms),
         "p50_ms": round(_percentile(append_ms, 50), 2),
         "p95_ms": round(_percentile(append_ms, 95), 2),
         "max_ms": round(max(append_ms), 2),
-        "mean_tokens": round(statistics.mean(len(base.encode(t)) for _, t in typical), 1),
+        "mean_tokens": round(statistics.mean(len(engine.base.encode(t)) for _, t in typical), 1),
     }
-
-    # Turns, after an untimed one that absorbs rebuilding the window for the new history.
-    log(f"history {s.token_count()} tokens: warm-up turn + {turns} timed turns")
     s.append("user", "Thanks. Let us go on.")
     s.generate(max_new_tokens=reply)
-    rows = []
-    for t in range(turns):
-        question = QUESTIONS[t % len(QUESTIONS)]
-        t0 = time.perf_counter()
-        s.append("user", question)
-        text = s.generate(max_new_tokens=reply)
-        total_ms = (time.perf_counter() - t0) * 1000
-        memory = _memory_mb()  # what the engine holds after a turn, before the bare model runs
-        tel = s.telemetry[-1]
-        # An empty reply is a failure this table should show, not a fast turn.
-        n_reply = len(base.encode(text)) if text.strip() else 0
-        bare = _bare(engine, s.wc, tree, n_reply)
-        bare_text = bare.pop("text")
-        rows.append(
-            {
-                "history_tokens": tel.history_tokens,
-                "total_ms": round(total_ms, 2),
-                "latency_ms": {k: round(tel.latency_ms.get(k, 0.0), 2) for k in STAGES},
-                "positions_used": tel.positions_used,
-                "prefill_tokens": tel.prefill_tokens,
-                "reused_positions": tel.reused_positions,
-                "moves": tel.moves,
-                "reply_tokens": n_reply,
-                # `s.wc` right after the turn is the window it prefilled (the reply is in
-                # the history, not yet in the window).
-                "bare_ms": bare,
-                "same_reply_as_bare": bare_text.strip().startswith(text.strip()),
-            }
-        )
-    turn_ms = statistics.median(r["total_ms"] for r in rows)
-    bare_ms = statistics.median(r["bare_ms"]["total"] for r in rows)
     return {
         "size": size,
-        "history_tokens": s.token_count(),
         "build": build,
         "append": append,
-        "turns": rows,
+        "memory_mb": _memory_mb(),  # this session alone open, after a turn
+        "disk_bytes": _disk_bytes(store) - disk_before,
+    }
+
+
+def _timed_turn(engine, s, question: str, reply: int) -> dict:
+    """A user question appended + a reply of `reply` tokens, then the bare model on the
+    very window the turn read."""
+    base = engine.base
+    t0 = time.perf_counter()
+    s.append("user", question)
+    text = s.generate(max_new_tokens=reply)
+    total_ms = (time.perf_counter() - t0) * 1000
+    tel = s.telemetry[-1]
+    # An empty reply is a failure this table should show, not a fast turn.
+    n_reply = len(base.encode(text)) if text.strip() else 0
+    # `s.wc` right after the turn is the window it prefilled (the reply is in the history,
+    # not yet in the window).
+    bare = _bare(engine, s.wc, s.tree, n_reply)
+    bare_text = bare.pop("text")
+    return {
+        "history_tokens": tel.history_tokens,
+        "total_ms": round(total_ms, 2),
+        "latency_ms": {k: round(tel.latency_ms.get(k, 0.0), 2) for k in STAGES},
+        "positions_used": tel.positions_used,
+        "prefill_tokens": tel.prefill_tokens,
+        "reused_positions": tel.reused_positions,
+        "moves": tel.moves,
+        "reply_tokens": n_reply,
+        "bare_ms": bare,
+        "same_reply_as_bare": bare_text.strip().startswith(text.strip()),
+    }
+
+
+def _summary(row: dict, turns: list[dict]) -> dict:
+    turn_ms = statistics.median(t["total_ms"] for t in turns)
+    bare_ms = statistics.median(t["bare_ms"]["total"] for t in turns)
+    return {
+        **row,
+        "history_tokens": turns[-1]["history_tokens"],
+        "turns": turns,
         "turn_ms_median": round(turn_ms, 2),
         "stage_ms_median": {
-            k: round(statistics.median(r["latency_ms"][k] for r in rows), 2) for k in STAGES
+            k: round(statistics.median(t["latency_ms"][k] for t in turns), 2) for k in STAGES
         },
         "bare_ms_median": round(bare_ms, 2),
         "engine_over_bare": round(turn_ms / max(bare_ms, 1e-9), 3),
-        "memory_mb": memory,
-        "disk_bytes": _disk_bytes(Path(engine.store.path)),
     }
 
 
@@ -275,6 +284,8 @@ def headline(rows: list[dict]) -> dict:
         "ingest_tokens_per_s": min(r["build"]["ingest_tokens_per_s"] for r in big),
         "gist_tokens_per_s": min(r["build"]["gist_tokens_per_s"] for r in big),
         "latency_ratio_max_over_min": _ratio([r["turn_ms_median"] for r in rows]),
+        # the same for the bare model on each turn's window: the machine's drift, ~1.0
+        "bare_ratio_max_over_min": _ratio([r["bare_ms_median"] for r in rows]),
         "rss_ratio_max_over_min": _ratio([r["memory_mb"][heap] for r in rows]),
         "engine_over_bare": max(r["engine_over_bare"] for r in rows),
         "reply_agreement": round(
@@ -296,7 +307,7 @@ def run(
     progress: bool = False,
     command: list[str] | None = None,
 ) -> dict:
-    """Run the bench on one new session, sizes in increasing order. With `engine`, its
+    """Run the bench on new sessions, one per size. With `engine`, its
     store and config are used (`budget`, `overrides` and `device` are then ignored);
     otherwise an engine is made on a temporary store that is removed afterwards."""
     if turns < 1 or appends < 1 or reply < 1 or not sizes:
@@ -313,13 +324,33 @@ def run(
             engine = MegaContextEngine(
                 store=tmp, working_budget=budget, device=device, **(overrides or {})
             )
-        s = engine.session(f"latency-{uuid.uuid4().hex[:8]}")
-        cap = 2 * engine.config.working_budget  # chars: keeps every message under the budget
-        chat, typical = _chat(1, cap), _typical(engine.base, appends, cap)
-        rows = [
-            _measure_size(engine, s, size, chat, typical, turns, reply, progress, log)
-            for size in sorted(set(sizes))
-        ]
+        from ..gisting import release_freed_memory
+
+        sizes = sorted(set(sizes))
+        typical = _typical(engine.base, appends, 2 * engine.config.working_budget)
+        run_id = uuid.uuid4().hex[:8]
+        sids = [f"latency-{run_id}-{size}" for size in sizes]
+        # Phase one, size by size: build, appends, memory with that session alone open.
+        built = []
+        for sid, size in zip(sids, sizes, strict=True):
+            built.append(_build_size(engine, sid, size, typical, reply, progress, log))
+            engine.release(sid)
+            gc.collect()
+            release_freed_memory()
+        # Phase two: the timed turns, round-robin over the sizes, so that a slow minute of
+        # the machine slows every size alike instead of the one measured then.
+        sessions = [engine.session(sid) for sid in sids]
+        log(f"timed turns: a warm-up, then {turns} per size, round-robin")
+        for s in sessions:  # reopened: the first turn prefills the window afresh
+            s.append("user", "Thanks. Let us go on.")
+            s.generate(max_new_tokens=reply)
+        timed: list[list[dict]] = [[] for _ in sizes]
+        for t in range(turns):
+            for s, out in zip(sessions, timed, strict=True):
+                out.append(_timed_turn(engine, s, QUESTIONS[t % len(QUESTIONS)], reply))
+        rows = [_summary(row, ts) for row, ts in zip(built, timed, strict=True)]
+        for sid in sids:
+            engine.release(sid)
         return {
             **headline(rows),
             "device": _device_name(engine.base.device),
@@ -363,6 +394,7 @@ def table(result: dict) -> str:
         "ingest_tokens_per_s",
         "gist_tokens_per_s",
         "latency_ratio_max_over_min",
+        "bare_ratio_max_over_min",
         "rss_ratio_max_over_min",
         "engine_over_bare",
         "reply_agreement",
