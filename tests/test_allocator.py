@@ -80,7 +80,7 @@ def test_cooldown_blocks_flipping_back():
     alloc.new_event()
     alloc.refocus(wc, tree, scores, cfg.working_budget)
     j = next(j for j, e in enumerate(wc.entries) if e.level == 0 and e.start == node.start)
-    scores = np.full(len(wc.entries), 0.0)
+    scores = np.full(len(wc.entries), 0.5)  # other spans ask for detail
     scores[j] = -5.0  # now the opened block looks worthless: it must not close at once
     for _ in range(3):  # rounds of the same event: the block stays open
         alloc.refocus(wc, tree, scores, cfg.working_budget - 40)
@@ -170,15 +170,33 @@ def test_with_no_room_an_expansion_replaces_a_collapse_only_beyond_tau(margin, s
     cfg = Config(working_budget=512, recent_raw=64)
     alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)
     alloc.new_event()
-    scores = _recency(wc)
+    scores = _recency(wc) + 2.0  # the cheapest collapse scores about 0
     cheapest = alloc.collapses(wc, tree, scores)[0]
     gist = next(i for i, e in enumerate(wc.entries) if e.level == 1)
     scores[gist] = cheapest.score + cfg.tau_expand + margin
+    assert scores[gist] > 0
     moves = alloc.refocus(wc, tree, scores, cfg.working_budget)
     kinds = [(m.kind, m.level, m.index) for m in moves]
     parent = (cheapest.parent.level, cheapest.parent.index)
     assert (kinds == [("collapse", *parent), ("expand", 1, wc.entries[gist].index)]) == swapped
     assert swapped or moves == []
+
+
+def test_an_expansion_scored_at_or_below_zero_displaces_nothing():
+    cfg = Config(working_budget=512, recent_raw=64)
+    alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)
+    alloc.new_event()
+    scores = _recency(wc)  # negative everywhere
+    gist = next(i for i, e in enumerate(wc.entries) if e.level == 1)
+    for top in (-0.01, 0.0):  # far above the cheapest collapse, yet asking for no detail
+        scores[gist] = top
+        assert top - alloc.collapses(wc, tree, scores)[0].score > cfg.tau_expand
+        assert alloc.refocus(wc, tree, scores, cfg.working_budget) == []
+    scores[gist] = 0.01
+    assert [m.kind for m in alloc.refocus(wc, tree, scores, cfg.working_budget)] == [
+        "collapse",
+        "expand",
+    ]
 
 
 def test_making_room_leaves_slack_for_the_next_tokens():

@@ -78,6 +78,15 @@ def _memory_mb() -> dict[str, float]:
     return {"rss": mb("VmRSS"), "anon": mb("RssAnon"), "file": mb("RssFile"), "peak": mb("VmHWM")}
 
 
+def _settle() -> None:
+    """Collect garbage and hand freed heap pages back, so that a memory reading shows what
+    is held, not what a build freed and the allocator has not returned yet."""
+    from ..gisting import release_freed_memory
+
+    gc.collect()
+    release_freed_memory()
+
+
 def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -215,6 +224,7 @@ def _build_size(engine, sid, size, typical, reply, progress, log) -> dict:
     }
     s.append("user", "Thanks. Let us go on.")
     s.generate(max_new_tokens=reply)
+    _settle()
     return {
         "size": size,
         "build": build,
@@ -324,8 +334,6 @@ def run(
             engine = MegaContextEngine(
                 store=tmp, working_budget=budget, device=device, **(overrides or {})
             )
-        from ..gisting import release_freed_memory
-
         sizes = sorted(set(sizes))
         typical = _typical(engine.base, appends, 2 * engine.config.working_budget)
         run_id = uuid.uuid4().hex[:8]
@@ -335,8 +343,7 @@ def run(
         for sid, size in zip(sids, sizes, strict=True):
             built.append(_build_size(engine, sid, size, typical, reply, progress, log))
             engine.release(sid)
-            gc.collect()
-            release_freed_memory()
+            _settle()
         # Phase two: the timed turns, round-robin over the sizes, so that a slow minute of
         # the machine slows every size alike instead of the one measured then.
         sessions = [engine.session(sid) for sid in sids]

@@ -11,8 +11,12 @@ The budget is there to be used. A refocus round, at most `max_moves` moves:
 2. fills: free positions up to `room(budget)` go to the best-scored expansions, whatever
    their sign, so a context shown before a reply uses at least 90% of its budget;
 3. swaps: otherwise, the best expansion replaces the lowest-scored collapse when it
-   scores higher by more than `tau_expand`.
-A score below zero is never a reason to collapse on its own. Ingest calls `fit` (collapse
+   scores above zero and higher by more than `tau_expand`.
+A score below zero is never a reason to collapse on its own, nor one at or below zero a
+reason to expand in place of what is shown: the scorer asked for no more detail there, and
+a swap costs a prefill of the expanded span (32 positions). Among spans that all ask for
+less, swapping the less irrelevant in for the more irrelevant churned hundreds of positions
+a turn on long histories and showed the reader nothing it needed. Ingest calls `fit` (collapse
 until the budget holds) and rounds with `fill=False`: filling is for the context a reply
 reads, and positions filled between replies would only be taken back by the next one.
 
@@ -191,7 +195,7 @@ class FocusAllocator:
             growth = wc.growth(i, tree.n_tokens)
             if not (fill and len(wc) + growth <= limit):  # no filling: swap, or stop
                 c = self._cheapest(wc, tree, s, keep=i, need=len(wc) + growth - budget)
-                worth = c is not None and s[i] - c.score > self.config.tau_expand
+                worth = c is not None and s[i] > 0 and s[i] - c.score > self.config.tau_expand
                 if not worth or len(moves) + 2 > self.config.max_moves:
                     break
                 moves.append(self._collapse(wc, c, s))
