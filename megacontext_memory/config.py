@@ -81,6 +81,10 @@ class Config:
     # the reader on long histories (`bench memory`, README).
     shown_levels: int | None = 1
     lens_checkpoint: str | None = "default"  # "default": the shipped LensNet
+    # Sessions an engine keeps open (KV cache, token array, working context: some 20-40 MB
+    # each); beyond it the least recently used idle ones are released, to be reopened from
+    # the store when asked for again (None: no limit). A server meets many sessions.
+    max_open_sessions: int | None = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -126,6 +130,10 @@ class Config:
             raise ValueError(f"kv_reuse must be one of {KV_REUSE}, got {self.kv_reuse!r}")
         if self.shown_levels is not None and self.shown_levels < 0:
             raise ValueError(f"shown_levels must be None or >= 0, got {self.shown_levels}")
+        if self.max_open_sessions is not None and self.max_open_sessions < 1:
+            raise ValueError(
+                f"max_open_sessions must be None or >= 1, got {self.max_open_sessions}"
+            )
         if self.scorer not in SCORERS:
             raise ValueError(f"unknown scorer {self.scorer!r}; available: {SCORERS}")
 

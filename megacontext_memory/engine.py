@@ -15,7 +15,7 @@ import contextlib
 import functools
 import json
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -127,7 +127,7 @@ class MegaContextEngine:
         self.base = _shared_base(self.config.model, self.config.device, self.config.model_dtype)
         self.gister = _load_gister(self.config, self.base)
         self.store = Store(store)
-        self._sessions: dict[str, Session] = {}
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recent first
         self._lock = threading.Lock()
 
     def session(self, session_id: str) -> Session:
@@ -144,7 +144,23 @@ class MegaContextEngine:
             s = self._sessions.get(session_id)
             if s is None or not s._is_current():
                 s = self._sessions[session_id] = Session(self, session_id)
+            self._sessions.move_to_end(session_id)
+            self._release_idle()
             return s
+
+    def _release_idle(self) -> None:
+        """Past `max_open_sessions`, release the least recently used sessions that no turn
+        or append is using (the newest, just asked for, stays)."""
+        limit = self.config.max_open_sessions
+        for sid in list(self._sessions)[:-1]:
+            if limit is None or len(self._sessions) <= limit:
+                return
+            s = self._sessions[sid]
+            if s._lock.acquire(blocking=False):  # idle
+                try:
+                    del self._sessions[sid]
+                finally:
+                    s._lock.release()
 
     def sessions(self) -> list[str]:
         """Ids of every session in the store, oldest first."""

@@ -192,6 +192,28 @@ def test_a_released_session_reopens_from_the_store_and_the_old_handle_still_work
     assert again.generate(max_new_tokens=4) and engine.session("kept") is again
 
 
+def test_past_max_open_sessions_the_least_recently_used_idle_one_is_released(engine_factory):
+    engine = engine_factory(max_open_sessions=2)
+    a, b = engine.session("a"), engine.session("b")
+    a.append("user", "Alpha's note.")
+    b.append("user", "Beta's note.")
+    assert engine.session("a") is a  # asked for again: now b is the least recent
+    c = engine.session("c")
+    assert engine.session("a") is a and engine.session("c") is c
+    assert engine.session("b") is not b  # released, reopened from the store
+    assert [m.content for m in engine.session("b").messages()] == ["Beta's note."]
+    # a session in use (here: its lock held, as by a turn on another thread) is kept
+    busy = engine.session("a")
+    engine.session("c")
+    with busy._held():
+        worker = threading.Thread(target=lambda: engine.session("d"))
+        worker.start()
+        worker.join()
+    assert engine.session("d") is not None and engine.session("a") is busy
+    with pytest.raises(ValueError, match="max_open_sessions"):
+        engine_factory(max_open_sessions=0)
+
+
 @pytest.mark.parametrize(
     "role, content, metadata, error",
     [
