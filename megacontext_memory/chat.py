@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from . import tool_calls
 from .config import BLOCK_SIZE
 from .routing import ORIGIN, Item, Router
+from .telemetry import TurnTelemetry
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Reply:
     history_tokens: int = 0
     ingested_messages: int = 0
     model_name: str = ""
+    telemetry: TurnTelemetry | None = None  # the engine's record of the turn (local turns)
 
 
 def tool_rounds(items: Sequence[Item]) -> int:
@@ -148,5 +150,6 @@ def run_turn(
             history_tokens=session.token_count(),
             ingested_messages=len(turn.ingested),
             model_name=base.name,
+            telemetry=tel,
         )
     yield "done", reply

@@ -20,7 +20,10 @@ HEADLINE = (
 
 def test_bench_latency_small(engine_factory):
     engine = engine_factory(working_budget=256, gist_refine_steps=0)
-    result = json.loads(json.dumps(run([300, 1200], turns=1, appends=5, reply=4, engine=engine)))
+    result = run(
+        [300, 1200], turns=1, appends=5, reply=4, together=3, together_tokens=200, engine=engine
+    )
+    result = json.loads(json.dumps(result))
     for key in HEADLINE:
         assert isinstance(result[key], int | float) and result[key] > 0, key
     assert result["append_p95_ms"] >= result["append_p50_ms"]
@@ -47,6 +50,9 @@ def test_bench_latency_small(engine_factory):
         assert r["memory_mb"]["peak"] > 0 and r["disk_bytes"] > 0
     assert result["engine_over_bare"] == max(r["engine_over_bare"] for r in sizes)
     assert str(sizes[1]["history_tokens"]) in table(result)
-    # one session per size, each released again (the engine holds none of them)
+    together = result["together"]
+    assert together["sessions"] == 3 and together["tokens"] >= 3 * 200
+    assert together["ingest_tokens_per_s"] > 0 and together["gist_tokens_per_s"] > 0
+    # one session per size and three built together, each released again
     ids = engine.sessions()
-    assert len(ids) == 2 and not any(engine.release(sid) for sid in ids)
+    assert len(ids) == 2 + 3 and not any(engine.release(sid) for sid in ids)

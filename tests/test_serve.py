@@ -43,8 +43,10 @@ SMALL_TALK = [
 class Server(ServerProcess):
     """The served engine, with a helper for raw requests."""
 
-    def __init__(self, store: Path, api_key: str | None = None, budget: int = 512):
-        options = ["gist_refine_steps=0"]  # ingest speed, not gist quality, is under test
+    def __init__(
+        self, store: Path, api_key: str | None = None, budget: int = 512, options: tuple = ()
+    ):
+        options = ["gist_refine_steps=0", *options]  # ingest speed, not gist quality, is tested
         super().__init__(store, budget=budget, api_key=api_key, max_tokens=24, options=options)
         self.api_key = api_key
 
@@ -275,6 +277,27 @@ def test_a_stopped_server_closes_its_store(tmp_path):
     assert (tmp_path / "store" / "index.db-wal").exists()
     server.stop()
     assert not (tmp_path / "store" / "index.db-wal").exists()
+
+
+def test_sessions_released_past_max_open_sessions_are_served_from_the_store(tmp_path):
+    """One open session at most: every turn below reopens its session from the store; the
+    turns are answered, counted, and each session keeps its own history."""
+    server = Server(tmp_path / "store", options=("max_open_sessions=1",)).start()
+    try:
+        for turn in range(2):
+            for k in range(3):
+                body = {"messages": [{"role": "user", "content": f"Note {turn} of user {k}."}]}
+                headers = {"X-Session-Id": f"u{k}"}
+                status, payload = server.request("POST", "/v1/chat/completions", body, headers)
+                assert status == 200, payload
+        _, metrics = server.request("GET", "/metrics")
+        assert b"megacontext_turns_total 6.0" in metrics
+        for k in range(3):
+            status, body = server.request("GET", f"/v1/sessions/u{k}/messages")
+            users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+            assert status == 200 and users == [f"Note 0 of user {k}.", f"Note 1 of user {k}."]
+    finally:
+        server.stop()
 
 
 def test_concurrent_clients_stay_isolated_and_survive_sigkill(tmp_path):

@@ -21,6 +21,10 @@ minute of the machine slows every size alike, not the one measured in it):
            turn's reused KV cache changed no word of the reply). Its own max/min ratio over
            the sizes shows how much the machine drifted (`bare_ratio_max_over_min`).
 
+Last, `--together` sessions (8) are built at once, one thread each, `--together-tokens`
+(10,000) apiece: the durable ingest of all, then the gists of all, through the engine's one
+gisting batcher (`together` in the JSON: tokens/s of all the sessions together).
+
 The working context is capped at the budget, so a turn should cost the same at 1k and 1M
 tokens; only the build grows with the history.
 
@@ -263,6 +267,52 @@ def _timed_turn(engine, s, question: str, reply: int) -> dict:
     }
 
 
+def _together(engine, n: int, tokens: int, log) -> dict:
+    """`n` new sessions built at once, one thread each: `extend` to `tokens` tokens in all
+    of them, then `make_gists` in all of them (the gists of every session go through the
+    engine's one `Gister`, in shared batches). Tokens/s of the sessions together."""
+    import threading
+
+    cap = 2 * engine.config.working_budget
+    run_id = uuid.uuid4().hex[:8]
+    sessions = [engine.session(f"together-{run_id}-{k}") for k in range(n)]
+    log(f"{n} sessions together, {tokens} tokens each")
+
+    def all_at_once(work) -> float:
+        errors: list[BaseException] = []
+
+        def guarded(s, k) -> None:
+            try:
+                work(s, k)
+            except BaseException as e:  # raised below, in the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=guarded, args=(s, k)) for k, s in enumerate(sessions)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - t0
+
+    ingest_s = all_at_once(lambda s, k: _grow(s, tokens, _chat(1 + k, cap), False))
+    gist_s = all_at_once(lambda s, k: s.make_gists())
+    built = sum(s.token_count() for s in sessions)
+    gisted = sum(s.tree.count(1) for s in sessions) * engine.config.block_size
+    for s in sessions:
+        engine.release(s.id)
+    return {
+        "sessions": n,
+        "tokens": built,
+        "ingest_s": round(ingest_s, 3),
+        "ingest_tokens_per_s": round(built / max(ingest_s, 1e-9)),
+        "gist_s": round(gist_s, 3),
+        "gist_tokens_per_s": round(gisted / max(gist_s, 1e-9)),
+    }
+
+
 def _summary(row: dict, turns: list[dict]) -> dict:
     turn_ms = statistics.median(t["total_ms"] for t in turns)
     bare_ms = statistics.median(t["bare_ms"]["total"] for t in turns)
@@ -313,6 +363,8 @@ def run(
     appends: int = APPENDS,
     overrides: dict | None = None,
     device: str | None = None,
+    together: int = 8,
+    together_tokens: int = 10000,
     engine=None,
     progress: bool = False,
     command: list[str] | None = None,
@@ -322,6 +374,8 @@ def run(
     otherwise an engine is made on a temporary store that is removed afterwards."""
     if turns < 1 or appends < 1 or reply < 1 or not sizes:
         raise ValueError("need at least one size, turn, append and reply token")
+    if together < 0 or together_tokens < 1:
+        raise ValueError("together must be >= 0 sessions and together_tokens >= 1")
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -358,8 +412,10 @@ def run(
         rows = [_summary(row, ts) for row, ts in zip(built, timed, strict=True)]
         for sid in sids:
             engine.release(sid)
+        _settle()
         return {
             **headline(rows),
+            "together": _together(engine, together, together_tokens, log) if together else None,
             "device": _device_name(engine.base.device),
             "model_dtype": engine.base.dtype_name,
             "config": engine.config.to_dict(),
@@ -408,6 +464,12 @@ def table(result: dict) -> str:
         "device",
     ]
     lines += [f"{k:>27}: {result[k]}" for k in keys]
+    if result.get("together"):
+        t = result["together"]
+        lines.append(
+            f"{'together':>27}: {t['sessions']} sessions, {t['tokens']} tokens: ingest "
+            f"{t['ingest_tokens_per_s']} tokens/s, gisting {t['gist_tokens_per_s']} tokens/s"
+        )
     return "\n".join(lines)
 
 
@@ -467,6 +529,10 @@ def bench_latency_main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, help=f"timed turns per size (default {TURNS})")
     p.add_argument("--reply", type=int, default=REPLY, help="reply length in tokens")
     p.add_argument("--appends", type=int, help=f"timed appends per size (default {APPENDS})")
+    p.add_argument("--together", type=int, default=8, help="sessions built at once (0: none)")
+    p.add_argument(
+        "--together-tokens", type=int, default=10000, help="tokens of each of those sessions"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: automatic)")
     add_engine_option(p)
     p.add_argument("--out", help="folder for latency.json and latency.png")
@@ -478,6 +544,8 @@ def bench_latency_main(argv: list[str] | None = None) -> int:
         turns=args.turns or (QUICK_TURNS if args.quick else TURNS),
         reply=args.reply,
         appends=args.appends or (QUICK_APPENDS if args.quick else APPENDS),
+        together=args.together,
+        together_tokens=args.together_tokens,
         overrides=engine_overrides(args.engine_option),
         device=args.device,
         progress=True,

@@ -221,11 +221,9 @@ class Server:
             elif kind == "done":
                 reply = value
         seconds = time.perf_counter() - t0
-        if self.engine.store.has_session(reply.session_id):
-            self.metrics.turn(self.engine.session(reply.session_id).telemetry[-1], seconds)
-        else:  # an ephemeral turn: its session (and telemetry) is gone already
-            self.metrics.turns.inc()
-            self.metrics.turn_seconds.observe(seconds)
+        # The reply's own record: the session may be gone (an ephemeral turn) or released
+        # and reopened by now, with another turn's telemetry or none.
+        self.metrics.turn(reply.telemetry, seconds)
         return reply, text.streaming
 
     def append(self, session_id: str, messages: list[ChatMessage], continues: bool) -> dict:
