@@ -139,15 +139,21 @@ def _typical(base, n: int, cap: int) -> list[tuple[str, str]]:
     raise AssertionError("unreachable: the chat source is endless")
 
 
+def _batch(source: Iterator[tuple[str, str]], tokens: int) -> list[tuple[str, str]]:
+    """Messages from `source` that make about `tokens` tokens."""
+    batch, est = [], 0
+    while est < tokens:  # ~4 chars a token, plus the chat template's few per message
+        role, text = next(source)
+        batch.append((role, text))
+        est += len(text) // 4 + 6
+    return batch
+
+
 def _grow(s, size: int, source: Iterator[tuple[str, str]], progress: bool) -> float:
     """Extend `s` to at least `size` tokens; returns the seconds spent in `extend`."""
     spent = 0.0
     while s.token_count() < size:
-        need, batch, est = size - s.token_count(), [], 0
-        while est < need:  # ~4 chars a token, plus the chat template's few per message
-            role, text = next(source)
-            batch.append((role, text))
-            est += len(text) // 4 + 6
+        batch = _batch(source, size - s.token_count())
         t0 = time.perf_counter()
         s.extend(batch, progress=progress)
         spent += time.perf_counter() - t0
@@ -297,7 +303,9 @@ def _together(engine, n: int, tokens: int, log) -> dict:
             raise errors[0]
         return time.perf_counter() - t0
 
-    ingest_s = all_at_once(lambda s, k: _grow(s, tokens, _chat(1 + k, cap), False))
+    # the messages first, so that only `extend` is timed (making chat text takes longer)
+    batches = [_batch(_chat(1 + k, cap), tokens) for k in range(n)]
+    ingest_s = all_at_once(lambda s, k: s.extend(batches[k]))
     gist_s = all_at_once(lambda s, k: s.make_gists())
     built = sum(s.token_count() for s in sessions)
     gisted = sum(s.tree.count(1) for s in sessions) * engine.config.block_size
