@@ -43,6 +43,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -277,8 +278,6 @@ def _together(engine, n: int, tokens: int, log) -> dict:
     """`n` new sessions built at once, one thread each: `extend` to `tokens` tokens in all
     of them, then `make_gists` in all of them (the gists of every session go through the
     engine's one `Gister`, in shared batches). Tokens/s of the sessions together."""
-    import threading
-
     cap = 2 * engine.config.working_budget
     run_id = uuid.uuid4().hex[:8]
     sessions = [engine.session(f"together-{run_id}-{k}") for k in range(n)]
