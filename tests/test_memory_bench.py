@@ -184,3 +184,24 @@ def test_store_cache_builds_each_history_once_and_replays_it_as_built(tmp_path, 
     assert summary["settings"]["megacontext"]["warm_turns"] == 2
     assert main([*argv, "--out", str(tmp_path / "bad"), "--warm-turns", "9"]) == 2
     assert "warm_turns must be in [0, 4], got 9" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_warm_turns_come_before_the_question_in_every_system_within_the_budget(tmp_path, capsys):
+    argv = ["bench", "memory", "--split", "dev", "--sizes", "2000", "--tasks", "1", "--json"]
+    argv += ["--systems", "oracle", "truncation"]
+
+    def run(out: str, *extra: str) -> dict:
+        assert main([*argv, "--out", str(tmp_path / out), *extra]) == 0
+        rows = [json.loads(line) for line in (tmp_path / out / "rows.jsonl").open()]
+        return json.loads(capsys.readouterr().out) | {"rows": {r["system"]: r for r in rows}}
+
+    cold, warm = run("cold"), run("warm", "--warm-turns", "2")
+    assert "warm_turns" not in cold["settings"].get("oracle", {})
+    assert warm["settings"]["oracle"]["warm_turns"] == 2
+    assert warm["settings"]["truncation"]["warm_turns"] == 2
+    # the oracle reads its notes and the two exchanges: more positions than cold
+    assert warm["rows"]["oracle"]["positions"] > cold["rows"]["oracle"]["positions"] + 20
+    # truncation gives up history for the exchanges and stays within the budget
+    assert cold["rows"]["truncation"]["positions"] <= 1024
+    assert warm["rows"]["truncation"]["positions"] <= 1024

@@ -23,9 +23,11 @@ split is refused.
 With `--store-cache DIR` each task's history is built into DIR once (keyed by the task's
 messages, the model and the GistNet) and every later run reopens a copy of it, as after a
 restart: comparing focus options at 128k then costs seconds a task instead of a minute.
-With `--warm-turns N` MegaContext answers N small-talk questions before the task's, so the
-question comes mid-conversation, to a session whose KV cache is warm (the raw-context
-systems are unchanged): options of the cache's reuse (`kv_reuse`) act only there.
+With `--warm-turns N` every system answers N small-talk questions before the task's, so the
+question comes mid-conversation: MegaContext to a session whose KV cache is warm (options of
+the cache's reuse, `kv_reuse`, act only there), the raw-context systems from their context
+followed by the exchanges so far (the budget holds both; `max_new_tokens` is set aside for
+each small-talk reply).
 
     megacontext bench memory --quick
     megacontext bench memory --split test --sizes 2000 8000 32000 128000 --out runs/mem
@@ -154,8 +156,9 @@ class Bench:
             self.settings[name] = {"scorer": self.engines[name].config.scorer}
             if engine_options:
                 self.settings[name]["engine_options"] = engine_options
-            if warm_turns:
-                self.settings[name]["warm_turns"] = warm_turns
+        if warm_turns:
+            for name in self.systems:
+                self.settings.setdefault(name, {})["warm_turns"] = warm_turns
 
     @staticmethod
     def _megacontext_names(scorers: list[str]) -> dict[str, str]:
@@ -168,6 +171,9 @@ class Bench:
 
     # ---- the raw-context systems ---------------------------------------------------------
     def _ask(self, messages: list[tuple[str, str]], task: Task, t0: float) -> Answer:
+        t_talk = time.perf_counter()
+        messages = [*messages, *self._small_talk(messages)]
+        t0 += time.perf_counter() - t_talk  # the question's turn alone is timed
         ids = prompt_ids(self.base, [("system", SYSTEM_PROMPT), *messages, ("user", task.question)])
         reply = read(self.base, ids, self.max_new)
         answer = Answer(reply, len(ids), time.perf_counter() - t0)
@@ -179,9 +185,25 @@ class Bench:
         answer.logprobs = self.base.continuation_logprobs(cache, lead, endings)
         return answer
 
+    def _small_talk(self, messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The `warm_turns` small-talk exchanges, each reply read from `messages` and the
+        exchanges before it, as MegaContext answers them before the question."""
+        talk: list[tuple[str, str]] = []
+        for question in WARM_QUESTIONS[: self.warm_turns]:
+            ids = prompt_ids(
+                self.base, [("system", SYSTEM_PROMPT), *messages, *talk, ("user", question)]
+            )
+            talk += [("user", question), ("assistant", read(self.base, ids, self.max_new))]
+        return talk
+
     def _frame(self, task: Task) -> int:
-        """Tokens of the system prompt, the question and the reply's prompt."""
-        return len(prompt_ids(self.base, [("system", SYSTEM_PROMPT), ("user", task.question)]))
+        """Tokens of the system prompt, the small talk (its replies at their longest), the
+        question and the reply's prompt."""
+        talk = [
+            m for q in WARM_QUESTIONS[: self.warm_turns] for m in (("user", q), ("assistant", ""))
+        ]
+        ids = prompt_ids(self.base, [("system", SYSTEM_PROMPT), *talk, ("user", task.question)])
+        return len(ids) + self.warm_turns * self.max_new
 
     def _room(self, task: Task) -> int:
         """Tokens of history that fit the budget beside the frame and the reply."""
