@@ -31,6 +31,10 @@ class Config:
     block_size: int = BLOCK_SIZE
     tau_expand: float = 0.2  # an expansion replaces a collapse only when it scores this much higher
     max_moves: int = 4  # N_diff: expand/collapse moves per refocus
+    # Positions a reply's refocus may newly show (what its moves bring in, prefilled before
+    # the reply) when the session's KV cache is reused; None: no limit. Bounds what a new
+    # question costs however deep the tree; what it leaves closed the next turns may open.
+    open_per_turn: int | None = 192
     cooldown: int = 2  # refocus events (replies, completed blocks) before a block moves back
     refocus_rounds: int = 8  # refocus passes before each reply (lets focus descend levels)
     recency_tokens: int = 256  # heuristic scorer: how fast the pull of recent tokens fades
@@ -133,6 +137,11 @@ class Config:
         if self.max_open_sessions is not None and self.max_open_sessions < 1:
             raise ValueError(
                 f"max_open_sessions must be None or >= 1, got {self.max_open_sessions}"
+            )
+        if self.open_per_turn is not None and self.open_per_turn < 2 * self.block_size:
+            raise ValueError(
+                f"open_per_turn must be None or >= {2 * self.block_size} (a swap), "
+                f"got {self.open_per_turn}"
             )
         if self.scorer not in SCORERS:
             raise ValueError(f"unknown scorer {self.scorer!r}; available: {SCORERS}")

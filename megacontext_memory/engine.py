@@ -399,11 +399,13 @@ class Session:
         tel: TurnTelemetry | None = None,
     ) -> int:
         """Refocus for `query` (default: the newest user message) until no move is worth
-        making or `refocus_rounds` passes are done; returns the moves made."""
+        making, `refocus_rounds` passes are done or, with a KV cache held, the moves newly
+        show `open_per_turn` positions; returns the moves made."""
         budget = self.config.working_budget if budget is None else budget
         query = self._query_ids() if query is None else query
         moves = 0
-        self.allocator.new_event()
+        # A session without a KV cache prefills the whole window anyway: no allowance.
+        self.allocator.new_event(None if self._kv is None else self.config.open_per_turn)
         for _ in range(self.config.refocus_rounds):
             made = self._refocus_round(budget, query, tel or self._pending)
             moves += made

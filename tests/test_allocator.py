@@ -199,6 +199,32 @@ def test_an_expansion_scored_at_or_below_zero_displaces_nothing():
     ]
 
 
+def test_an_event_newly_shows_no_more_than_its_allowance_and_the_next_events_go_on():
+    """Many spans ask for detail at once (a new question on a long history): one event
+    opens what its allowance holds, the best first; the following events open the rest."""
+    cfg = Config(working_budget=1024, recent_raw=64)
+    alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)
+    wanted = [e for e in wc.entries if e.level == 1][:8]  # eight old gists, best first
+    rank = {(e.start, e.end): r for r, e in enumerate(wanted)}
+
+    def scores():  # a wanted gist shown raw keeps its score
+        return np.array([3.0 - 0.1 * rank.get((e.start, e.end), 50) for e in wc.entries])
+
+    closed = []
+    for allowance in (100, 100, None):
+        before = set(wc.entries)
+        alloc.new_event(allowance)
+        for _ in range(cfg.refocus_rounds):  # the engine's rounds of one event
+            if not alloc.refocus(wc, tree, scores(), cfg.working_budget):
+                break
+        new = sum(wc.cost(e) for e in wc.entries if e not in before)
+        assert new <= alloc.opened <= (allowance or 10**9)
+        closed.append([w for w in wanted if w in wc.entries])
+        check_invariants(wc, tree, cfg.working_budget, cfg.recent_raw)
+    # 100 positions hold three swaps (a raw block, and the gist its collapse shows)
+    assert closed == [wanted[3:], wanted[6:], []]
+
+
 def test_making_room_leaves_slack_for_the_next_tokens():
     cfg = Config(working_budget=512, recent_raw=64)
     alloc, wc, tree = _filled(cfg, 20000, cfg.working_budget)

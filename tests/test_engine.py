@@ -476,6 +476,40 @@ def test_old_facts_are_refocused_to_raw_and_recalled(long_session):
     assert json.loads(json.dumps(s.telemetry[-1].to_dict()))["budget"] == BUDGET
 
 
+@pytest.mark.parametrize("cap", [None, 66])
+def test_a_turn_newly_shows_at_most_open_per_turn_and_the_next_turns_go_on(engine_factory, cap):
+    """With a KV cache to reuse, a question's refocus shows at most `open_per_turn` new
+    positions (and the prefill computes little more: the new tokens); asked again, the focus
+    goes on opening what the question needs, until the fact is raw."""
+    engine = engine_factory(working_budget=1024, open_per_turn=cap, gist_refine_steps=0)
+    s = engine.session(f"capped-{cap}")
+    base, fact = engine.base, FACTS[0]
+    s.extend(conversation(base, 12000, fact))
+    stated = next(m for m in s.messages() if m.content == fact.statement)
+    where = slice(stated.token_start, stated.token_end)
+    s.append("user", "Thanks.")
+    s.generate(max_new_tokens=4)  # the first turn prefills all anyway: no allowance
+    assert s.allocator.allowance == float("inf")
+    assert s.level_map()[where].min() >= 1
+    opened = []
+    for _ in range(3):
+        s.append("user", fact.question)
+        s.generate(max_new_tokens=4)
+        tel = s.telemetry[-1]
+        opened.append(s.allocator.opened)
+        if cap:
+            assert opened[-1] <= s.allocator.allowance == cap
+            prompt = len(base.encode(base.generation_prompt()))
+            assert tel.prefill_tokens <= cap + tel.new_tokens + prompt
+        if s.level_map()[where].max() == 0:
+            break
+    assert s.level_map()[where].max() == 0  # the statement is shown raw at last
+    if cap is None:
+        assert opened[0] > 66  # the bound binds: unbounded, the first turn opens more
+    else:
+        assert len(opened) > 1
+
+
 def test_a_changed_system_prompt_through_the_router_takes_over_the_pin(engine_factory):
     """Routed turns (as every adapter runs them) store each prompt text once, and the
     newest one stays raw after the refocus of every later turn."""

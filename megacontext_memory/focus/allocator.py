@@ -20,6 +20,15 @@ a turn on long histories and showed the reader nothing it needed. Ingest calls `
 until the budget holds) and rounds with `fill=False`: filling is for the context a reply
 reads, and positions filled between replies would only be taken back by the next one.
 
+A refocus event may be given an allowance: the positions its moves may newly show (the
+entries expansions and swaps bring in, each prefilled before the reply). The engine gives
+`Config.open_per_turn` when it holds a KV cache to reuse: a new question on a deep tree
+would otherwise open a dozen spans of equal promise at once, and the prefill, not the
+budget, would set the turn's cost. Under an allowance a round makes one expansion, so the
+next is chosen on fresh scores: the allowance goes down the best path (a note's gist, then
+its blocks) before it goes to the note's neighbours. What an event leaves closed, the next
+ones may open.
+
 A cooldown counts refocus events (one before each reply, one per message that completes a
 block), not the rounds inside one, so a node moved in an event stays put for the rest of
 it: otherwise rounds of one event undo each other and every turn prefills what they
@@ -73,6 +82,8 @@ class FocusAllocator:
         self.config = config
         self.tick = 0  # refocus events so far
         self.moved_at: dict[tuple[int, int], int] = {}
+        self.opened = 0  # positions this refocus event's moves newly show ...
+        self.allowance = float("inf")  # ... and how many they may
         # token spans that stay raw: the newest system message of each slot
         self.pinned: list[tuple[int, int]] = []
 
@@ -119,11 +130,14 @@ class FocusAllocator:
         ]
         return sorted(idx, key=lambda i: -scores[i])
 
-    def new_event(self) -> None:
-        """A refocus event begins (its rounds share one tick of the cooldown). Nodes whose
+    def new_event(self, allowance: int | None = None) -> None:
+        """A refocus event begins (its rounds share one tick of the cooldown), its moves
+        newly showing at most `allowance` positions (None: no limit). Nodes whose
         cooldown is over are forgotten: the record stays as small as the recent moves
         however long the session runs."""
         self.tick += 1
+        self.opened = 0
+        self.allowance = float("inf") if allowance is None else allowance
         cooldown = self.config.cooldown
         self.moved_at = {k: t for k, t in self.moved_at.items() if self.tick - t <= cooldown}
 
@@ -169,6 +183,10 @@ class FocusAllocator:
             moves.append(self._collapse(wc, (warm or options)[0], s, cool=False))
         return moves
 
+    def _opens(self, wc: WorkingContext, i: int, n_tokens: int) -> int:
+        """Positions expanding entry `i` newly shows (its children's)."""
+        return wc.growth(i, n_tokens) + wc.cost(wc.entries[i])
+
     def _cheapest(self, wc, tree, s: list, keep: int, need: int) -> _Collapse | None:
         """The lowest-scored collapse, not of entry `keep`, that frees `need` positions."""
         for c in self.collapses(wc, tree, np.asarray(s)):
@@ -188,20 +206,31 @@ class FocusAllocator:
         moves = self._fit(wc, tree, limit, s) if len(wc) > budget else []
         unscored: set[Entry] = set()
         while len(moves) < self.config.max_moves:
-            best = self.expansions(wc, s, unscored)
-            if not best:
+            left = self.allowance - self.opened
+            fits = (
+                i
+                for i in self.expansions(wc, s, unscored)
+                if self._opens(wc, i, tree.n_tokens) <= left
+            )
+            i = next(fits, None)
+            if i is None:
                 break
-            i = best[0]
             growth = wc.growth(i, tree.n_tokens)
             if not (fill and len(wc) + growth <= limit):  # no filling: swap, or stop
                 c = self._cheapest(wc, tree, s, keep=i, need=len(wc) + growth - budget)
                 worth = c is not None and s[i] > 0 and s[i] - c.score > self.config.tau_expand
                 if not worth or len(moves) + 2 > self.config.max_moves:
                     break
+                if self._opens(wc, i, tree.n_tokens) + wc.cost(c.parent) > left:
+                    break  # the collapse would show its gist too
                 moves.append(self._collapse(wc, c, s))
+                self.opened += wc.cost(c.parent)
                 if c.first < i:
                     i -= c.n - 1
             n_children = 1 if wc.entries[i].level == 1 else K
+            self.opened += self._opens(wc, i, tree.n_tokens)
             moves.append(self._expand(wc, i, s, tree.n_tokens))
             unscored.update(wc.entries[i : i + n_children])
+            if self.allowance < float("inf"):
+                break  # the next expansion waits for fresh scores (see the module docstring)
         return moves
