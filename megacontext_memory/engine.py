@@ -336,10 +336,16 @@ class Session:
                 left -= n
         return sorted(spans)
 
-    def _fit(self, budget: int) -> None:
-        """Keep the budget; when over it, free some slack so the next turns reuse the KV."""
+    def _fit(self, budget: int, tel: TurnTelemetry) -> None:
+        """Keep the budget; when over it, free some slack so the next turns reuse the KV.
+        What goes is what the newest question needs least: unscored, the oldest spans went
+        first, and once the recently moved ones were all that was left, that was the old
+        note the focus had just opened for the question (asked again, it churned)."""
         if len(self.wc) > budget:
-            self.allocator.fit(self.wc, self.tree, budget - budget // 8)
+            with tel.timed("score"):
+                scores = self.scorer.score(self.wc, self.tree, self._query_ids())
+            with tel.timed("allocate"):
+                self.allocator.fit(self.wc, self.tree, budget - budget // 8, scores)
 
     def _catch_up(self, tel: TurnTelemetry | None = None) -> None:
         """Bring the working context up to the committed history (ours and what other
@@ -361,10 +367,10 @@ class Session:
             # (Re)build in one pass rather than collapsing a long all-raw history block by block.
             raw = self.config.working_budget // 2
             self.wc = WorkingContext.coarse(self.tree, raw, pins, self.config.shown_levels)
-            self._fit(self.config.working_budget)
+            self._fit(self.config.working_budget, tel or self._pending)
         elif grown:
             self.wc.extend(self.tree.n_tokens)
-            self._fit(self.config.working_budget)
+            self._fit(self.config.working_budget, tel or self._pending)
 
     def _refine_shown(self) -> None:
         """Fit the level-1 gists shown for the first time, at most `gist_refine_per_turn`

@@ -510,6 +510,26 @@ def test_a_turn_newly_shows_at_most_open_per_turn_and_the_next_turns_go_on(engin
         assert len(opened) > 1
 
 
+def test_the_note_a_question_opened_stays_open_when_new_tokens_need_room(engine_factory):
+    """New tokens push the window over budget and some spans must close before the next
+    refocus: the ones the newest question needs least, not the oldest (an old note the
+    focus had just opened for it was the first to go, and asked again, the focus churned)."""
+    engine = engine_factory(gist_refine_steps=0)
+    s = engine.session("keeps-the-note")
+    fact = FACTS[0]
+    s.extend(conversation(engine.base, 6000, fact))
+    stated = next(m for m in s.messages() if m.content == fact.statement)
+    where = slice(stated.token_start, stated.token_end)
+    s.append("user", "Thanks.")
+    s.generate(max_new_tokens=4)
+    shown = []
+    for _ in range(4):
+        s.append("user", fact.question)
+        s.generate(max_new_tokens=4)
+        shown.append(int(s.level_map()[where].max()))
+    assert shown[1:] == [0, 0, 0], shown
+
+
 def test_a_changed_system_prompt_through_the_router_takes_over_the_pin(engine_factory):
     """Routed turns (as every adapter runs them) store each prompt text once, and the
     newest one stays raw after the refocus of every later turn."""
