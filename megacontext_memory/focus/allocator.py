@@ -215,20 +215,21 @@ class FocusAllocator:
             i = next(fits, None)
             if i is None:
                 break
+            opens = self._opens(wc, i, tree.n_tokens)
             growth = wc.growth(i, tree.n_tokens)
             if not (fill and len(wc) + growth <= limit):  # no filling: swap, or stop
                 c = self._cheapest(wc, tree, s, keep=i, need=len(wc) + growth - budget)
                 worth = c is not None and s[i] > 0 and s[i] - c.score > self.config.tau_expand
                 if not worth or len(moves) + 2 > self.config.max_moves:
                     break
-                if self._opens(wc, i, tree.n_tokens) + wc.cost(c.parent) > left:
+                if opens + wc.cost(c.parent) > left:
                     break  # the collapse would show its gist too
                 moves.append(self._collapse(wc, c, s))
                 self.opened += wc.cost(c.parent)
                 if c.first < i:
                     i -= c.n - 1
             n_children = 1 if wc.entries[i].level == 1 else K
-            self.opened += self._opens(wc, i, tree.n_tokens)
+            self.opened += opens
             moves.append(self._expand(wc, i, s, tree.n_tokens))
             unscored.update(wc.entries[i : i + n_children])
             if self.allowance < float("inf"):
